@@ -1,0 +1,44 @@
+"""earthmind-compat: EarthMind, InternVL2.5-4B and Granite 4.0 Tiny as TerraTorch backbones.
+
+Importing this package registers the backbones (and necks) in TerraTorch's registries, so that
+``BACKBONE_REGISTRY.build("internvl2_5_4b", preset="tiny")`` and ``backbone: internvl2_5_4b`` in a
+TerraTorch YAML config work.
+"""
+
+from __future__ import annotations
+
+from earthmind_compat.backbones import BACKBONE_BUILDERS, GraniteBackbone, InternVLBackbone
+from earthmind_compat.errors import (
+    ConfigurationError,
+    EarthMindCompatError,
+    InputError,
+    RegistryConflictError,
+    UnknownNameError,
+    UnsafeCheckpointError,
+    WeightsError,
+)
+from earthmind_compat.registry import build_backbone, register_all, registered_backbones
+
+__version__ = "0.1.0"
+
+#: Names of every backbone this package registers in TerraTorch.
+BACKBONES: tuple[str, ...] = tuple(sorted(BACKBONE_BUILDERS))
+
+register_all()
+
+__all__ = [
+    "BACKBONES",
+    "ConfigurationError",
+    "EarthMindCompatError",
+    "GraniteBackbone",
+    "InputError",
+    "InternVLBackbone",
+    "RegistryConflictError",
+    "UnknownNameError",
+    "UnsafeCheckpointError",
+    "WeightsError",
+    "__version__",
+    "build_backbone",
+    "register_all",
+    "registered_backbones",
+]

@@ -1,0 +1,198 @@
+"""``earthmind-compat check``: certify this environment, one row per backbone x feature, at tiny size.
+
+Each feature is a function that takes a backbone name, builds what it needs at the tiny preset on CPU,
+runs it, and raises if anything is wrong; it returns a short detail string for the table.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from earthmind_compat.backbones import BACKBONE_BUILDERS
+from earthmind_compat.errors import unknown_name
+
+#: Input side in pixels used at the tiny preset, per backbone (a multiple of its patch size).
+TINY_IMAGE_SIZE = {"internvl2_5_4b": 56, "granite_4_tiny": 64, "earthmind_v1": 56}
+TINY_BANDS = 4
+
+FeatureCheck = Callable[[str], str]
+FEATURES: dict[str, FeatureCheck] = {}
+
+
+def feature(name: str) -> Callable[[FeatureCheck], FeatureCheck]:
+    """Register a check under ``name`` (decorator)."""
+
+    def decorate(func: FeatureCheck) -> FeatureCheck:
+        FEATURES[name] = func
+        return func
+
+    return decorate
+
+
+def tiny_input(backbone: str, batch: int = 2, bands: int = TINY_BANDS) -> torch.Tensor:
+    """A reproducible random image batch of the tiny size for ``backbone``."""
+    size = TINY_IMAGE_SIZE.get(backbone, 64)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, bands, size, size, generator=generator)
+
+
+def expect(condition: bool, message: str) -> None:
+    """Raise ``AssertionError(message)`` when ``condition`` is false (kept under ``python -O``)."""
+    if not condition:
+        raise AssertionError(message)
+
+
+@feature("forward")
+def check_forward(backbone: str) -> str:
+    """Build by name through TerraTorch's registry and check the returned tokens against ``out_channels``."""
+    from terratorch.registry import BACKBONE_REGISTRY
+
+    model = BACKBONE_REGISTRY.build(backbone, preset="tiny", in_chans=TINY_BANDS).eval()
+    x = tiny_input(backbone)
+    with torch.no_grad():
+        features = model(x)
+    expect(len(features) == len(model.out_channels), f"{len(features)} features for {model.out_channels}")
+    rows, cols = model.grid_size(x.shape[-2], x.shape[-1])
+    tokens = rows * cols + int(model.has_cls_token)
+    for feat, channels in zip(features, model.out_channels, strict=True):
+        expect(tuple(feat.shape) == (2, tokens, channels), f"feature {tuple(feat.shape)} != (2, {tokens}, {channels})")
+        expect(bool(torch.isfinite(feat).all()), "non-finite feature values")
+    return f"{len(features)} x [2, {tokens}, {model.out_channels[0]}]"
+
+
+@feature("segmentation")
+def check_segmentation(backbone: str) -> str:
+    """EncoderDecoderFactory with TerraTorch's token-to-pyramid necks and UperNet; check output and a backward."""
+    from terratorch.models import EncoderDecoderFactory
+
+    from earthmind_compat.backbones import CLS_TOKEN_BY_DEFAULT
+
+    has_cls = CLS_TOKEN_BY_DEFAULT[backbone]
+    model = EncoderDecoderFactory().build_model(
+        "segmentation",
+        backbone=backbone,
+        backbone_preset="tiny",
+        backbone_in_chans=TINY_BANDS,
+        necks=[
+            {"name": "ReshapeTokensToImage", "remove_cls_token": has_cls},
+            {"name": "LearnedInterpolateToPyramidal"},
+        ],
+        decoder="UperNetDecoder",
+        decoder_channels=16,
+        num_classes=2,
+    )
+    x = tiny_input(backbone)
+    output = model(x).output
+    expect(tuple(output.shape) == (2, 2, x.shape[-2], x.shape[-1]), f"output {tuple(output.shape)}")
+    output.mean().backward()
+    return f"UperNet -> {list(output.shape)}"
+
+
+@dataclass
+class Row:
+    """One cell of the check table."""
+
+    backbone: str
+    feature: str
+    status: str
+    detail: str
+    seconds: float
+
+
+def installed_versions() -> dict[str, str]:
+    """Versions of Python and of the packages a matrix cell is defined by."""
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "terratorch", "transformers", "bitsandbytes", "peft", "earthmind-compat"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def validate_names(backbones: Sequence[str], features: Sequence[str]) -> None:
+    """Raise :class:`UnknownNameError` (with the closest names) for an unknown backbone or feature."""
+    for name in backbones:
+        if name not in BACKBONE_BUILDERS:
+            raise unknown_name("backbone", name, BACKBONE_BUILDERS)
+    for name in features:
+        if name not in FEATURES:
+            raise unknown_name("feature", name, FEATURES)
+
+
+def run_checks(
+    backbones: Sequence[str] | None = None,
+    features: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """Run every requested feature check on every requested backbone.
+
+    Args:
+        backbones: Names to check (default: all registered ones).
+        features: Feature names to check (default: all).
+        progress: Called with ``"backbone/feature"`` before each check.
+
+    Returns:
+        One :class:`Row` per pair, in order.
+
+    Raises:
+        UnknownNameError: for an unknown backbone or feature name.
+    """
+    backbones = list(backbones or BACKBONE_BUILDERS)
+    features = list(features or FEATURES)
+    validate_names(backbones, features)
+    rows = []
+    for backbone in backbones:
+        for name in features:
+            if progress is not None:
+                progress(f"{backbone}/{name}")
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            try:
+                detail = FEATURES[name](backbone)
+                status = "pass"
+            except Exception as exc:  # a failing check is a row, not a crash
+                status = "fail"
+                frame = traceback.extract_tb(exc.__traceback__)[-1]
+                detail = f"{type(exc).__name__}: {exc} ({Path(frame.filename).name}:{frame.lineno})"
+            rows.append(Row(backbone, name, status, detail, round(time.perf_counter() - start, 3)))
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """Render rows as a plain-text table."""
+    header = ("backbone", "feature", "status", "seconds", "detail")
+    body = [(r.backbone, r.feature, r.status.upper(), f"{r.seconds:.2f}", r.detail) for r in rows]
+    widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(4)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header[:4], widths, strict=True)) + "  " + header[4]]
+    lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    for line in body:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(line[:4], widths, strict=True)) + "  " + line[4])
+    return "\n".join(lines)
+
+
+def report(rows: Sequence[Row]) -> dict:
+    """The JSON document written by ``--json``: versions, rows and totals."""
+    return {
+        "versions": installed_versions(),
+        "rows": [asdict(r) for r in rows],
+        "passed": sum(r.status == "pass" for r in rows),
+        "failed": sum(r.status == "fail" for r in rows),
+    }
+
+
+def write_json(rows: Sequence[Row], path: str | Path) -> Path:
+    """Write :func:`report` to ``path`` (parents created) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report(rows), indent=2, sort_keys=True) + "\n")
+    return path

@@ -1,0 +1,228 @@
+"""Finding and reading checkpoints: local directories or hub ids, safetensors only.
+
+Nothing here runs code from a checkpoint: ``trust_remote_code`` is never set, and pickle files
+(``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) are refused unless the caller opts in with
+``allow_pickle=True``, in which case they are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from earthmind_compat.errors import UnsafeCheckpointError, WeightsError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def hub_offline() -> bool:
+    """Return True when Hugging Face offline mode is on (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
+    return any(
+        os.environ.get(v, "").lower() in {"1", "true", "yes", "on"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and os.sep not in parts[1]
+
+
+def resolve_weights_dir(weights: str | os.PathLike) -> Path:
+    """Return a local directory holding ``config.json`` and the checkpoint files.
+
+    Args:
+        weights: A local directory, or a hub id such as ``"OpenGVLab/InternVL2_5-4B-MPO-hf"``. A hub id is
+            fetched with ``huggingface_hub.snapshot_download`` (configs and safetensors only), from the local
+            cache alone when offline mode is on.
+
+    Returns:
+        The directory.
+
+    Raises:
+        WeightsError: if the directory does not exist, is a file, or the hub id cannot be fetched.
+    """
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise WeightsError(
+            f"weights={str(weights)!r} is a file; pass the directory that holds config.json and the "
+            "*.safetensors files (as written by save_pretrained)."
+        )
+    text = str(weights)
+    if not _looks_like_hub_id(text):
+        raise WeightsError(
+            f"No weights directory at {text!r}. Pass an existing directory written by save_pretrained, "
+            "or a hub id of the form 'owner/name'."
+        )
+    from huggingface_hub import snapshot_download
+
+    offline = hub_offline()
+    try:
+        return Path(
+            snapshot_download(
+                text,
+                allow_patterns=["*.json", "*.safetensors"],
+                local_files_only=offline,
+                etag_timeout=5,
+            )
+        )
+    except Exception as exc:  # huggingface_hub raises many types; all mean "not available here"
+        hint = (
+            "offline mode is on (HF_HUB_OFFLINE=1) and the files are not in the local cache"
+            if offline
+            else "the hub could not be reached or the repository does not exist"
+        )
+        raise WeightsError(
+            f"Could not get weights {text!r}: {hint}. Download them on a connected machine with "
+            f"`huggingface-cli download {text}` and pass the local directory as weights=... "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def read_config(directory: Path) -> dict:
+    """Read ``config.json`` of a checkpoint directory.
+
+    Raises:
+        WeightsError: if it is missing or not valid JSON.
+    """
+    path = directory / "config.json"
+    if not path.is_file():
+        raise WeightsError(f"{directory} has no config.json; it does not look like a save_pretrained directory.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{path} is not valid JSON ({exc}).") from None
+
+
+def refuse_remote_code(config: dict, directory: Path) -> None:
+    """Raise if a checkpoint config asks for remote code (``auto_map``), which is never run.
+
+    Raises:
+        UnsafeCheckpointError: naming the offending config entry and what to do instead.
+    """
+    if "auto_map" in config:
+        raise UnsafeCheckpointError(
+            f"{directory} needs remote code (config.json has auto_map, model_type={config.get('model_type')!r}). "
+            "earthmind-compat never sets trust_remote_code. Use a checkpoint in the native transformers format "
+            "(the '-hf' repositories), or convert this one with earthmind_compat.convert."
+        )
+
+
+def safetensors_files(directory: Path, allow_pickle: bool = False) -> list[Path]:
+    """List the checkpoint files to read, refusing pickles unless allowed.
+
+    Raises:
+        UnsafeCheckpointError: if only pickle files are present and ``allow_pickle`` is False.
+        WeightsError: if there is no checkpoint file at all.
+    """
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles and not allow_pickle:
+        raise UnsafeCheckpointError(
+            f"{directory} holds only pickle checkpoints ({', '.join(p.name for p in pickles)}), which can run "
+            "arbitrary code when loaded. Convert them to safetensors, or pass allow_pickle=True to read them "
+            "with torch.load(weights_only=True)."
+        )
+    if pickles:
+        return pickles
+    raise WeightsError(f"{directory} holds no *.safetensors file.")
+
+
+def load_tensors(
+    directory: Path, prefixes: Iterable[str] = ("",), allow_pickle: bool = False
+) -> dict[str, torch.Tensor]:
+    """Read every tensor whose key starts with one of ``prefixes``; the matched prefix is stripped.
+
+    Args:
+        directory: Checkpoint directory.
+        prefixes: Key prefixes to keep, tried in order; ``""`` keeps everything.
+        allow_pickle: Read pickle checkpoints (with ``weights_only=True``) when no safetensors exist.
+
+    Returns:
+        A flat state dict.
+
+    Raises:
+        WeightsError: if a file is truncated or corrupt.
+    """
+    prefixes = tuple(prefixes)
+    out: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(directory, allow_pickle=allow_pickle):
+        for key, tensor in _read_file(path).items():
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    out[key[len(prefix) :]] = tensor
+                    break
+    return out
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}. Download or save it again."
+            ) from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        raise UnsafeCheckpointError(
+            f"{path} could not be read with torch.load(weights_only=True): {type(exc).__name__}: {exc}. "
+            "It may contain objects other than tensors; convert it to safetensors."
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def checkpoint_keys(directory: Path, allow_pickle: bool = False) -> list[str]:
+    """List the tensor names of a checkpoint without loading the tensors (safetensors)."""
+    keys: list[str] = []
+    for path in safetensors_files(directory, allow_pickle=allow_pickle):
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    keys.extend(handle.keys())
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise WeightsError(
+                    f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}. "
+                    "Download or save it again."
+                ) from None
+        else:
+            keys.extend(_read_file(path))
+    return keys
+
+
+def find_prefix(directory: Path, candidates: Iterable[str], marker: str, allow_pickle: bool = False) -> str:
+    """Return the first candidate prefix under which the checkpoint has a key starting with ``marker``.
+
+    Args:
+        directory: Checkpoint directory.
+        candidates: Prefixes to try in order, e.g. ``("model.vision_tower.", "vision_tower.", "")``.
+        marker: The start of a key every matching component has, e.g. ``"embeddings."``.
+        allow_pickle: See :func:`load_tensors`.
+
+    Raises:
+        WeightsError: if no candidate matches, listing a few keys that were found.
+    """
+    keys = checkpoint_keys(directory, allow_pickle)
+    candidates = list(candidates)
+    for prefix in candidates:
+        if any(k.startswith(prefix + marker) for k in keys):
+            return prefix
+    raise WeightsError(
+        f"{directory} has no tensor named like {[c + marker + '...' for c in candidates]}; found e.g. "
+        f"{sorted(keys)[:5]}. Is it a checkpoint of this model?"
+    )
