@@ -54,7 +54,11 @@ nox.options.error_on_missing_interpreters = True
 
 def _venv_env(session: nox.Session, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(session.env)
+    for key, value in session.env.items():  # nox uses None for "unset"
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     env["VIRTUAL_ENV"] = session.virtualenv.location
     env["PATH"] = os.pathsep.join([session.bin, env.get("PATH", "")])
     env.pop("PYTHONHOME", None)

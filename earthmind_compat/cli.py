@@ -36,6 +36,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_synthetic_data(args: argparse.Namespace) -> int:
+    from earthmind_compat.synthetic import write_segmentation_dataset
+
+    root = write_segmentation_dataset(args.directory, size=args.size, seed=args.seed)
+    print(f"Synthetic GeoTIFF dataset written to {root}/{{train,val,test,predict}}")
+    return 0
+
+
 def _run_terratorch(subcommand: str, rest: Sequence[str]) -> int:
     """``earthmind-compat fit ...``: TerraTorch's own CLI, after our backbones are registered."""
     from terratorch.cli_tools import build_lightning_cli
@@ -60,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--backbones", nargs="+", metavar="NAME", help="backbones to check (default: all)")
     check.add_argument("--features", nargs="+", metavar="NAME", help="features to check (default: all)")
     check.set_defaults(handler=_cmd_check)
+    data = sub.add_parser("synthetic-data", help="write a small synthetic GeoTIFF segmentation dataset")
+    data.add_argument("directory", help="output directory")
+    data.add_argument("--size", type=int, default=56, help="scene side in pixels (default 56)")
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(handler=_cmd_synthetic_data)
     for name in TERRATORCH_SUBCOMMANDS:
         sub.add_parser(name, help=f"terratorch {name} with earthmind-compat backbones registered", add_help=False)
     return parser

@@ -119,7 +119,9 @@ class GraniteBackbone(TokenBackbone):
         **kwargs: Extra keys TerraTorch passes (ignored).
 
     The token-embedding table of the language model is dropped (``model.embed_tokens`` is None): images
-    enter through the patch embedding, so those 154 M parameters would never be used.
+    enter through the patch embedding, so those 154 M parameters would never be used. The final RMSNorm
+    is dropped too (``model.norm`` is None): features are the raw outputs of the selected layers, as for
+    the InternVL tower.
     """
 
     family = "granite"
@@ -152,6 +154,7 @@ class GraniteBackbone(TokenBackbone):
             self.model = GraniteMoeHybridModel(GraniteMoeHybridConfig(**settings))
         self.config = self.model.config
         self.model.embed_tokens = None
+        self.model.norm = None
         for layer in self.model.layers:
             if getattr(layer, "self_attn", None) is not None:
                 layer.self_attn.is_causal = False

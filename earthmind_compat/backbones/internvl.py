@@ -232,6 +232,11 @@ class InternVLBackbone(TokenBackbone):
         """
         self.check_input(x)
         rows, cols = self.grid_size(x.shape[-2], x.shape[-1])
+        if self.projector is not None and (rows % 2 or cols % 2):
+            raise InputError(
+                f"with_projector needs an even token grid, got {rows}x{cols} patches for a "
+                f"{x.shape[-2]}x{x.shape[-1]} image; use sides that are multiples of {2 * self.patch_size} px."
+            )
         hidden = self.model.embeddings(x)
         features = []
         last = max(self.out_indices) if self.projector is None else self.vision_config.num_hidden_layers - 1

@@ -1,0 +1,145 @@
+"""Shared test set-up: GPU auto-skip, hypothesis profiles, offline mode and a socket guard."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# No network, ever: Hugging Face offline mode before anything imports huggingface_hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import earthmind_compat  # noqa: F401  (registers the backbones in TerraTorch for every test)
+
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+#: ``EARTHMIND_GPU_ON_CPU=1`` runs ``gpu``-marked tests on CPU at tiny size, so their code path is tested.
+GPU_ON_CPU = os.environ.get("EARTHMIND_GPU_ON_CPU", "") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available() or GPU_ON_CPU:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (set EARTHMIND_GPU_ON_CPU=1 to run at tiny size on CPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class NetworkAccessError(RuntimeError):
+    """Raised when a test tries to open a network connection."""
+
+
+_LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost")
+_real_connect = socket.socket.connect
+
+
+def _guarded_connect(self: socket.socket, address: object) -> object:
+    host = address[0] if isinstance(address, tuple) else address
+    if self.family == socket.AF_UNIX or host in _LOCAL_HOSTS:
+        return _real_connect(self, address)
+    raise NetworkAccessError(f"Test tried to reach {address!r}; tests must not use the network.")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_network() -> None:
+    """Forbid outgoing connections (loopback and Unix sockets stay allowed, e.g. for gloo)."""
+    socket.socket.connect = _guarded_connect
+    yield
+    socket.socket.connect = _real_connect
+
+
+@pytest.fixture
+def device() -> str:
+    """Device for gpu-marked tests: CUDA when present, else CPU (tiny size) under EARTHMIND_GPU_ON_CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- tiny checkpoints written by the real save_pretrained, read back by the real loading path --------------
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_vision_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny ``InternVLVisionModel`` saved as safetensors; returns ``(directory, model)``."""
+    import torch
+    from transformers import InternVLVisionModel
+
+    from earthmind_compat.backbones.internvl import INTERNVL_PRESETS, vision_config_from_preset
+
+    torch.manual_seed(1)
+    model = InternVLVisionModel(vision_config_from_preset(INTERNVL_PRESETS["tiny"], 3, None)).eval()
+    _randomize(model)
+    directory = tmp_path_factory.mktemp("internvl_vision")
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory, model
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_full_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny whole ``InternVLForConditionalGeneration`` (tower, projector, Qwen2) saved as safetensors."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
+
+    from earthmind_compat.backbones.internvl import INTERNVL_PRESETS, vision_config_from_preset
+
+    torch.manual_seed(2)
+    vision = vision_config_from_preset(INTERNVL_PRESETS["tiny"], 3, None)
+    text = Qwen2Config(
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=64,
+    )
+    config = InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=5)
+    model = InternVLForConditionalGeneration(config).eval()
+    _randomize(model)
+    directory = tmp_path_factory.mktemp("internvl_full")
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory, model
+
+
+@pytest.fixture(scope="session")
+def tiny_granite_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny ``GraniteMoeHybridForCausalLM`` saved as safetensors; returns ``(directory, model)``."""
+    import torch
+    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+    from earthmind_compat.backbones.granite import GRANITE_PRESETS
+
+    torch.manual_seed(3)
+    settings = {k: v for k, v in GRANITE_PRESETS["tiny"].items() if k != "patch_size"}
+    model = GraniteMoeHybridForCausalLM(GraniteMoeHybridConfig(**settings)).eval()
+    directory = tmp_path_factory.mktemp("granite")
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory, model
+
+
+def _randomize(model) -> None:
+    """Give zero-initialised tensors (CLS token, positions) random values so a lost tensor is noticed."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "cls_token" in name or "position_embeddings" in name:
+                param.normal_(0, 0.5)
+            if "lambda_" in name:
+                param.uniform_(0.5, 1.5)

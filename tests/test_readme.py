@@ -1,0 +1,80 @@
+"""The README's examples are run as written, and CI runs the README's commands."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+@pytest.mark.registry
+def test_readme_python_examples_run():
+    blocks = code_blocks("python")
+    assert blocks, "the README must hold a Python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+
+
+@pytest.mark.registry
+def test_readme_yaml_is_the_example_config():
+    (snippet,) = code_blocks("yaml")
+    config = yaml.safe_load((ROOT / "examples" / "segmentation.yaml").read_text())
+    assert yaml.safe_load(snippet)["model"] == config["model"]
+
+
+@pytest.mark.registry
+def test_ci_runs_the_readme_quick_start():
+    commands = [line for block in code_blocks("bash") for line in block.splitlines() if "pip install" in line]
+    quick_start = commands[:2]
+    assert any("earthmind-compat check" in c for c in quick_start)
+    assert any('pytest -m "not gpu"' in c for c in quick_start)
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    for command in quick_start:
+        assert command in ci, f".ci/run must run the README command {command!r}"
+
+
+def _cli(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else shutil.which(name)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("readme")
+    shutil.copytree(ROOT / "examples", directory / "examples")
+    subprocess.run([_cli("earthmind-compat"), "synthetic-data", "data"], cwd=directory, check=True)
+    return directory
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.e2e
+def test_readme_fit_through_our_cli(workdir):
+    _run([_cli("earthmind-compat"), "fit", "-c", "examples/segmentation.yaml"], workdir)
+    assert list((workdir / "runs" / "segmentation" / "checkpoints").glob("*.ckpt"))
+
+
+@pytest.mark.e2e
+def test_readme_plain_terratorch_fit_with_custom_modules(workdir, tmp_path):
+    shutil.copytree(workdir / "data", tmp_path / "data")
+    shutil.copytree(workdir / "examples", tmp_path / "examples")
+    (tmp_path / "custom_modules").mkdir()
+    (tmp_path / "custom_modules" / "__init__.py").write_text("import earthmind_compat\n")
+    _run([_cli("terratorch"), "fit", "-c", "examples/segmentation.yaml", "--trainer.max_epochs", "1"], tmp_path)
+    assert list((tmp_path / "runs" / "segmentation" / "checkpoints").glob("*.ckpt"))
