@@ -1,47 +1,22 @@
-"""The ``earthmind-compat`` command line."""
+"""The ``earthmind-compat`` command line: one subcommand per module of :mod:`earthmind_compat.commands`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
 from earthmind_compat.errors import EarthMindCompatError
 
+#: Subcommand modules, in the order ``--help`` lists them.
+COMMAND_MODULES = [
+    "earthmind_compat.commands.check",
+    "earthmind_compat.commands.synthetic_data",
+]
+
+#: Subcommands handed to TerraTorch's own CLI after our backbones are registered.
 TERRATORCH_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-def _cmd_check(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from earthmind_compat.backbones import BACKBONE_BUILDERS
-    from earthmind_compat.check import FEATURES, format_table, run_checks, validate_names, write_json
-
-    backbones = args.backbones or list(BACKBONE_BUILDERS)
-    features = args.features or list(FEATURES)
-    validate_names(backbones, features)
-    bar = tqdm(total=len(backbones) * len(features), desc="check", unit="check", file=sys.stderr, leave=False)
-
-    def progress(label: str) -> None:
-        bar.set_postfix_str(label)
-        bar.update(1)
-
-    rows = run_checks(backbones, features, progress=progress)
-    bar.close()
-    print(format_table(rows))
-    failed = sum(r.status == "fail" for r in rows)
-    print(f"\n{len(rows) - failed} passed, {failed} failed")
-    if args.json:
-        print(f"JSON written to {write_json(rows, args.json)}")
-    return 1 if failed else 0
-
-
-def _cmd_synthetic_data(args: argparse.Namespace) -> int:
-    from earthmind_compat.synthetic import write_segmentation_dataset
-
-    root = write_segmentation_dataset(args.directory, size=args.size, seed=args.seed)
-    print(f"Synthetic GeoTIFF dataset written to {root}/{{train,val,test,predict}}")
-    return 0
 
 
 def _run_terratorch(subcommand: str, rest: Sequence[str]) -> int:
@@ -63,16 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. `earthmind-compat fit -c config.yaml`.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="certify this environment: every backbone x feature at tiny size")
-    check.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    check.add_argument("--backbones", nargs="+", metavar="NAME", help="backbones to check (default: all)")
-    check.add_argument("--features", nargs="+", metavar="NAME", help="features to check (default: all)")
-    check.set_defaults(handler=_cmd_check)
-    data = sub.add_parser("synthetic-data", help="write a small synthetic GeoTIFF segmentation dataset")
-    data.add_argument("directory", help="output directory")
-    data.add_argument("--size", type=int, default=56, help="scene side in pixels (default 56)")
-    data.add_argument("--seed", type=int, default=0)
-    data.set_defaults(handler=_cmd_synthetic_data)
+    for module_name in COMMAND_MODULES:
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(handler=module.run)
     for name in TERRATORCH_SUBCOMMANDS:
         sub.add_parser(name, help=f"terratorch {name} with earthmind-compat backbones registered", add_help=False)
     return parser
