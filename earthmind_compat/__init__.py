@@ -7,8 +7,12 @@ TerraTorch YAML config work.
 
 from __future__ import annotations
 
-from earthmind_compat.backbones import BACKBONE_BUILDERS, GraniteBackbone, InternVLBackbone
-from earthmind_compat.errors import (
+from earthmind_compat.compat import UntestedVersionWarning, require_native_model_classes, warn_if_untested
+
+require_native_model_classes()
+
+from earthmind_compat.backbones import BACKBONE_BUILDERS, GraniteBackbone, InternVLBackbone  # noqa: E402
+from earthmind_compat.errors import (  # noqa: E402
     ConfigurationError,
     EarthMindCompatError,
     InputError,
@@ -17,13 +21,14 @@ from earthmind_compat.errors import (
     UnsafeCheckpointError,
     WeightsError,
 )
-from earthmind_compat.registry import build_backbone, register_all, registered_backbones
+from earthmind_compat.registry import build_backbone, register_all, registered_backbones  # noqa: E402
 
 __version__ = "0.1.0"
 
 #: Names of every backbone this package registers in TerraTorch.
 BACKBONES: tuple[str, ...] = tuple(sorted(BACKBONE_BUILDERS))
 
+warn_if_untested()
 register_all()
 
 __all__ = [
@@ -36,6 +41,7 @@ __all__ = [
     "RegistryConflictError",
     "UnknownNameError",
     "UnsafeCheckpointError",
+    "UntestedVersionWarning",
     "WeightsError",
     "__version__",
     "build_backbone",

@@ -7,7 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from earthmind_compat.errors import ConfigurationError, InputError, unknown_name
+from earthmind_compat.errors import ConfigurationError, InputError, did_you_mean, unknown_name
+
+#: Keys a TerraTorch config may hand to every backbone although they are meant for the factory or task
+#: (``backbone_padding``, ``backbone_patch_size``...). They are accepted and ignored.
+TERRATORCH_PASSTHROUGH_KWARGS = frozenset({"padding", "patch_size", "model_bands", "num_frames"})
 
 
 def choose_preset(family: str, presets: dict[str, dict], preset: str) -> dict:
@@ -19,6 +23,37 @@ def choose_preset(family: str, presets: dict[str, dict], preset: str) -> dict:
     if preset not in presets:
         raise unknown_name(f"{family} preset", preset, presets)
     return dict(presets[preset])
+
+
+def argument_names(function: object) -> list[str]:
+    """Names of the keyword arguments of ``function`` (without ``self`` and ``**kwargs``)."""
+    import inspect
+
+    return [
+        name
+        for name, parameter in inspect.signature(function).parameters.items()
+        if name != "self" and parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)
+    ]
+
+
+def reject_unknown_kwargs(owner: str, kwargs: dict, accepted: Sequence[str]) -> None:
+    """Raise for a keyword argument nobody reads, so a typo never passes silently.
+
+    Args:
+        owner: Class name used in the message.
+        kwargs: The leftover ``**kwargs`` of a constructor.
+        accepted: The constructor's own argument names (for the suggestion).
+
+    Raises:
+        ConfigurationError: naming the unknown argument and the closest valid one.
+    """
+    unknown = sorted(set(kwargs) - TERRATORCH_PASSTHROUGH_KWARGS)
+    if unknown:
+        hints = "".join(did_you_mean(name, accepted) for name in unknown)
+        raise ConfigurationError(
+            f"{owner} got unknown argument(s) {unknown}.{hints} Valid arguments: {', '.join(sorted(accepted))} "
+            "(in a TerraTorch config write them as backbone_<name>)."
+        )
 
 
 def default_out_indices(num_layers: int) -> list[int]:
@@ -111,6 +146,12 @@ class TokenBackbone(nn.Module):
             raise InputError(
                 f"Input dtype is {x.dtype}; convert integer reflectance to float and normalise it "
                 "(e.g. x.float() / 10000 followed by the band means and stds) before the backbone."
+            )
+        weight = next(self.parameters(), None)
+        if weight is not None and weight.device.type != "meta" and x.device != weight.device:
+            raise InputError(
+                f"Input is on {x.device} but the backbone is on {weight.device}; move one of them "
+                f"(x.to('{weight.device}') or backbone.to('{x.device}'))."
             )
         if not torch.isfinite(x).all():
             raise InputError("Input contains NaN or Inf values; fill or mask no-data pixels before the backbone.")

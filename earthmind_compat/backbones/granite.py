@@ -16,7 +16,13 @@ import torch
 from torch import nn
 from transformers import GraniteMoeHybridConfig, GraniteMoeHybridModel
 
-from earthmind_compat.backbones.base import TokenBackbone, choose_preset, resolve_out_indices
+from earthmind_compat.backbones.base import (
+    TokenBackbone,
+    argument_names,
+    choose_preset,
+    reject_unknown_kwargs,
+    resolve_out_indices,
+)
 from earthmind_compat.bands import resolve_bands
 from earthmind_compat.errors import WeightsError
 from earthmind_compat.weights import read_config, refuse_remote_code, resolve_weights_dir
@@ -116,7 +122,8 @@ class GraniteBackbone(TokenBackbone):
         bidirectional_mamba: Also run every Mamba layer on the reversed token sequence (twice the Mamba cost).
         patch_size: Patch side in pixels (default 16).
         allow_pickle: Read pickle checkpoints with ``weights_only=True`` when no safetensors exist.
-        **kwargs: Extra keys TerraTorch passes (ignored).
+        **kwargs: Only keys TerraTorch's factory consumes itself (``padding``, ``patch_size``); anything
+            else raises :class:`ConfigurationError` naming the closest valid argument.
 
     The token-embedding table of the language model is dropped (``model.embed_tokens`` is None): images
     enter through the patch embedding, so those 154 M parameters would never be used. The final RMSNorm
@@ -141,6 +148,7 @@ class GraniteBackbone(TokenBackbone):
         **kwargs: object,
     ) -> None:
         super().__init__()
+        reject_unknown_kwargs(type(self).__name__, kwargs, argument_names(type(self).__init__))
         settings = choose_preset("Granite", GRANITE_PRESETS, preset)
         self.preset = preset
         self.in_chans, self.bands = resolve_bands(in_chans, bands)

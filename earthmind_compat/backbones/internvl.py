@@ -9,7 +9,13 @@ from torch import nn
 from transformers import InternVLConfig, InternVLVisionConfig, InternVLVisionModel, Qwen2Config
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
-from earthmind_compat.backbones.base import TokenBackbone, choose_preset, resolve_out_indices
+from earthmind_compat.backbones.base import (
+    TokenBackbone,
+    argument_names,
+    choose_preset,
+    reject_unknown_kwargs,
+    resolve_out_indices,
+)
 from earthmind_compat.bands import adapt_patch_weight, resolve_bands
 from earthmind_compat.errors import InputError, WeightsError
 from earthmind_compat.weights import find_prefix, load_tensors, read_config, refuse_remote_code, resolve_weights_dir
@@ -131,7 +137,8 @@ class InternVLBackbone(TokenBackbone):
             model width) of the last layer as an extra, final feature, without CLS token.
         image_size: Position-embedding grid size in pixels (inputs of other sizes are interpolated).
         allow_pickle: Read pickle checkpoints with ``weights_only=True`` when no safetensors exist.
-        **kwargs: Extra keys TerraTorch passes (ignored).
+        **kwargs: Only keys TerraTorch's factory consumes itself (``padding``, ``patch_size``); anything
+            else raises :class:`ConfigurationError` naming the closest valid argument.
     """
 
     family = "internvl"
@@ -152,6 +159,7 @@ class InternVLBackbone(TokenBackbone):
         **kwargs: object,
     ) -> None:
         super().__init__()
+        reject_unknown_kwargs(type(self).__name__, kwargs, argument_names(type(self).__init__))
         settings = choose_preset("InternVL", INTERNVL_PRESETS, preset)
         self.preset = preset
         self.in_chans, self.bands = resolve_bands(in_chans, bands)

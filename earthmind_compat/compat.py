@@ -1,0 +1,88 @@
+"""Version detection: which torch / TerraTorch / transformers versions the matrix has tested.
+
+The ranges below are the lowest and highest versions of the cells that run in ``matrices/cells.toml``
+(a test keeps the two in step). Outside them the package still imports, with an
+:class:`UntestedVersionWarning` naming the version and the tested range.
+"""
+
+from __future__ import annotations
+
+import warnings
+from importlib import metadata
+
+from packaging.version import InvalidVersion, Version
+
+#: Lowest and highest version of each package in the cells that run (matrices/cells.toml).
+TESTED_RANGES: dict[str, tuple[str, str]] = {
+    "torch": ("2.7.0", "2.15.0"),
+    "terratorch": ("1.0.2", "1.2.13"),
+    "transformers": ("4.52.1", "5.23.0"),
+}
+
+
+class UntestedVersionWarning(UserWarning):
+    """An installed dependency is outside the versions the compatibility matrix has tested."""
+
+
+def installed_version(package: str) -> str | None:
+    """The installed version of ``package`` or ``None``."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def untested_versions(versions: dict[str, str | None] | None = None) -> list[str]:
+    """Describe every dependency whose version lies outside :data:`TESTED_RANGES`.
+
+    Args:
+        versions: Package -> version to judge (default: what is installed).
+
+    Returns:
+        One sentence per untested package; empty when everything is inside the tested ranges.
+    """
+    if versions is None:
+        versions = {package: installed_version(package) for package in TESTED_RANGES}
+    problems = []
+    for package, (low, high) in TESTED_RANGES.items():
+        found = versions.get(package)
+        if found is None:
+            continue
+        try:
+            release = Version(Version(found).base_version)  # 2.7.0+cu126 -> 2.7.0
+        except InvalidVersion:
+            problems.append(f"{package} {found} has a version string that cannot be compared")
+            continue
+        if not Version(low) <= release <= Version(high):
+            problems.append(f"{package} {found} is outside the tested range {low} .. {high}")
+    return problems
+
+
+def warn_if_untested(versions: dict[str, str | None] | None = None) -> list[str]:
+    """Emit one :class:`UntestedVersionWarning` listing untested versions; return the list."""
+    problems = untested_versions(versions)
+    if problems:
+        warnings.warn(
+            "earthmind-compat has not been tested with: " + "; ".join(problems) + ". Run `earthmind-compat "
+            "check` to certify this environment, or install versions from the README's compatibility table.",
+            UntestedVersionWarning,
+            stacklevel=2,
+        )
+    return problems
+
+
+def require_native_model_classes() -> None:
+    """Fail early, with the fix, when transformers lacks the native InternVL / GraniteMoeHybrid classes.
+
+    Raises:
+        ImportError: naming the installed transformers version and the first one that works.
+    """
+    import transformers
+
+    missing = [name for name in ("InternVLVisionModel", "GraniteMoeHybridModel") if not hasattr(transformers, name)]
+    if missing:
+        raise ImportError(
+            f"transformers {transformers.__version__} has no {', '.join(missing)}; earthmind-compat uses the "
+            "native classes (never remote code), which first shipped in 4.52.1. Run: "
+            "pip install 'transformers>=4.52.1'"
+        )
