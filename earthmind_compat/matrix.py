@@ -747,8 +747,7 @@ def render_heatmap(cells: Sequence[Cell], results: Mapping[str, Mapping[str, Any
     from matplotlib.colors import LinearSegmentedColormap
 
     rows, columns, values = heatmap_matrix(cells, results)
-    cmap = LinearSegmentedColormap.from_list("compat", ["#e05d44", "#dfb317", "#4c1"])
-    cmap.set_bad("#d9d9d9")
+    cmap = LinearSegmentedColormap.from_list("compat", ["#e05d44", "#dfb317", "#44cc11"]).with_extremes(bad="#d9d9d9")
     with matplotlib.rc_context({"font.family": "DejaVu Sans", "font.size": 8, "svg.hashsalt": "earthmind"}):
         fig, ax = plt.subplots(figsize=(max(6.0, 0.42 * len(columns) + 4.5), 0.42 * len(rows) + 2.6), dpi=100)
         ax.imshow(values if columns else [[math.nan] for _ in rows], cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")

@@ -1,0 +1,381 @@
+"""The compatibility matrix tooling: one source of truth, deterministic rendering, loud failures.
+
+- the nox `compat` sessions, the GitHub workflow matrix and ``matrices/cells.toml`` cannot drift apart;
+- rendering is byte-identical and the committed README table / badges / heatmap are up to date;
+- a broken result file is reported with its name and the problem, never rendered.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / ".github" / "workflows"
+
+
+def _load_matrix_by_path() -> ModuleType:
+    """Load matrix.py the way the noxfile and the workflows do (no package import)."""
+    spec = importlib.util.spec_from_file_location("_matrix_under_test", ROOT / "earthmind_compat" / "matrix.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+matrix = _load_matrix_by_path()
+
+
+def _workflow(name: str) -> dict:
+    return yaml.safe_load((WORKFLOWS / name).read_text(encoding="utf-8"))
+
+
+def _nox_listing(*args: str) -> list[dict]:
+    pytest.importorskip("nox", reason="nox is needed to list the sessions (pip install nox)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nox", "-l", "--json", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+# ------------------------------------------------------------------------------------- the cells file
+
+
+def test_cells_file_covers_the_required_axes() -> None:
+    cells = matrix.load_cells(ROOT / matrix.CELLS_FILE)
+    active = matrix.active_cells(cells)
+    combos = {(c.terratorch, c.torch, c.python) for c in active}
+    assert ("1.0.2", "2.7.0", "3.11") in combos  # TerraTorch 1.0.2 with its own torch pin
+    assert any(c.terratorch == "1.1.1" for c in active)
+    assert ("1.2.11", "2.14.1", "3.11") in combos  # the dev venv
+    assert any(c.terratorch == "1.2.13" and c.python == "3.12" for c in active)
+    majors = {c.transformers.split(".")[0] for c in active}
+    assert majors == {"4", "5"}, "the transformers axis needs a 4.x and a 5.x cell"
+    for cell in cells:
+        if not cell.active:
+            assert len(cell.excluded) > 20, f"{cell.id}: an excluded cell needs a real reason"
+
+
+@pytest.mark.parametrize(
+    ("snippet", "message"),
+    [
+        ('id = "a"\npython = "3.11"', "'torch' must be a non-empty string"),
+        ('id = "bad id"\npython="3.11"\ntorch="1"\ntorchvision="1"\nterratorch="1"\ntransformers="1"', "may only use"),
+        ('id = "a"\npython="311"\ntorch="1"\ntorchvision="1"\nterratorch="1"\ntransformers="1"', "python must look"),
+        (
+            'id = "a"\npython="3.11"\ntorch="1"\ntorchvision="1"\nterratorch="1"\ntransformers="1"\nexcluded=""',
+            "reason",
+        ),
+        (
+            'id = "a"\npython="3.11"\ntorch="1"\ntorchvision="1"\nterratorch="1"\ntransformers="1"\ncolour="x"',
+            "unknown",
+        ),
+    ],
+)
+def test_malformed_cell_is_rejected(tmp_path: Path, snippet: str, message: str) -> None:
+    path = tmp_path / "cells.toml"
+    path.write_text(f"schema = 1\n[[cell]]\n{snippet}\n", encoding="utf-8")
+    with pytest.raises(matrix.MatrixError, match=message):
+        matrix.load_cells(path)
+
+
+def test_duplicate_cell_id_is_rejected(tmp_path: Path) -> None:
+    cell = 'id = "a"\npython="3.11"\ntorch="1"\ntorchvision="1"\nterratorch="1"\ntransformers="1"\n'
+    path = tmp_path / "cells.toml"
+    path.write_text(f"schema = 1\n[[cell]]\n{cell}[[cell]]\n{cell}", encoding="utf-8")
+    with pytest.raises(matrix.MatrixError, match="duplicate id 'a'"):
+        matrix.load_cells(path)
+
+
+# ------------------------------------------------------------------------ nox / workflow / cells drift
+
+
+def test_nox_compat_sessions_are_exactly_the_active_cells() -> None:
+    listing = _nox_listing("-s", "compat")
+    gha = matrix.github_matrix(listing)["include"]
+    cells = matrix.active_cells(matrix.load_cells(ROOT / matrix.CELLS_FILE))
+    assert [(e["cell"], e["python"]) for e in gha] == [(c.id, c.python) for c in cells]
+    assert [e["session"] for e in gha] == [f"compat(cell={c.id!r})" for c in cells]
+
+
+def test_compat_workflow_takes_its_matrix_from_nox() -> None:
+    workflow = _workflow("compat.yml")
+    jobs = workflow["jobs"]
+    listing_steps = [s for s in jobs["cells"]["steps"] if "run" in s and "nox -l --json -s compat" in s["run"]]
+    assert len(listing_steps) == 1, "the cells job must list the sessions with `nox -l --json -s compat`"
+    assert "earthmind_compat/matrix.py gha-matrix" in listing_steps[0]["run"]
+    assert jobs["cells"]["outputs"]["matrix"] == f"${{{{ steps.{listing_steps[0]['id']}.outputs.matrix }}}}"
+    compat = jobs["compat"]
+    assert compat["needs"] == "cells"
+    assert compat["strategy"]["matrix"] == "${{ fromJSON(needs.cells.outputs.matrix) }}"
+    runs = [s for s in compat["steps"] if "run" in s and "nox -s" in s["run"]]
+    assert len(runs) == 1
+    assert runs[0]["env"]["SESSION"] == "${{ matrix.session }}"
+    assert '-s "$SESSION"' in runs[0]["run"]
+    setup = [s for s in compat["steps"] if str(s.get("uses", "")).startswith("actions/setup-python@")]
+    assert "${{ matrix.python }}" in setup[0]["with"]["python-version"]
+    # No cell id may be spelled out in any workflow: the only list is matrices/cells.toml.
+    text = "\n".join(p.read_text(encoding="utf-8") for p in WORKFLOWS.glob("*.yml"))
+    for cell in matrix.load_cells(ROOT / matrix.CELLS_FILE):
+        assert cell.id not in text, f"{cell.id} is hard-coded in a workflow"
+
+
+def test_gha_matrix_pipeline_matches_nox(tmp_path: Path) -> None:
+    """Run the workflow's own pipeline (`nox -l --json -s compat | matrix.py gha-matrix`)."""
+    listing = json.dumps(_nox_listing("-s", "compat"))
+    proc = subprocess.run(
+        [sys.executable, "-P", str(ROOT / "earthmind_compat" / "matrix.py"), "gha-matrix"],
+        input=listing,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    emitted = json.loads(proc.stdout)["include"]
+    cells = matrix.active_cells(matrix.load_cells(ROOT / matrix.CELLS_FILE))
+    assert {e["cell"] for e in emitted} == {c.id for c in cells}
+    assert len(emitted) == len(cells)
+
+
+def test_every_nox_session_named_in_a_workflow_exists() -> None:
+    sessions = {entry["name"] for entry in _nox_listing("-s", "tests", "compat", "gpu_benchmarks", "render", "lint")}
+    named = set()
+    for path in WORKFLOWS.glob("*.yml"):
+        named |= set(re.findall(r"nox -s ([A-Za-z_]+)", path.read_text(encoding="utf-8")))
+    assert named, "no workflow runs a nox session"
+    assert named <= sessions, f"workflows name unknown nox sessions: {sorted(named - sessions)}"
+    assert {"tests", "lint", "render", "gpu_benchmarks"} <= named
+
+
+def test_gpu_job_runs_on_a_self_hosted_gpu_runner_and_never_on_pull_requests() -> None:
+    workflow = _workflow("gpu.yml")
+    job = workflow["jobs"]["gpu-benchmarks"]
+    assert "self-hosted" in job["runs-on"] and "gpu" in job["runs-on"]
+    assert any("nox -s gpu_benchmarks" in s.get("run", "") for s in job["steps"])
+    triggers = workflow.get("on", workflow.get(True))  # PyYAML reads a bare `on:` key as True
+    assert "pull_request" not in triggers and "pull_request_target" not in triggers
+
+
+# ----------------------------------------------------------------------------------------- results
+
+
+def _cell(cell_id: str = "c1", **kw: str) -> object:
+    fields = {"python": "3.11", "torch": "2.14.1", "torchvision": "0.29.1", "terratorch": "1.2.11"}
+    fields.update({"transformers": "5.23.0", **kw})
+    return matrix.Cell(id=cell_id, **fields)
+
+
+def _result(cell: object, *, test_fail: int = 0, check_fail: int = 0) -> dict:
+    layers = {"registry": {"passed": 3, "failed": test_fail, "skipped": 1, "seconds": 1.5}}
+    failures = [{"test": "tests/test_x.py::test_a", "layer": "registry", "message": "boom"}] * test_fail
+    rows = [{"backbone": "b", "feature": "forward", "status": "pass", "detail": "ok", "seconds": 0.1}]
+    rows += [
+        {"backbone": "b", "feature": "lora", "status": "fail", "detail": "bad | pipe", "seconds": 0.1}
+    ] * check_fail
+    check = {"exit_code": 1 if check_fail else 0, "detail": "", "rows": rows}
+    check.update({"passed": 1, "failed": check_fail, "skipped": 0})
+    return matrix.build_result(
+        cell,
+        versions={"python": "3.11.7", "torch": cell.torch},
+        declared={"ok": True},
+        install={"ok": True},
+        tests={"exit_code": 1 if test_fail else 0, "detail": "", "layers": layers, "failures": failures},
+        check=check,
+        durations={"total": 12.34},
+    )
+
+
+def test_build_result_status_follows_the_counts() -> None:
+    cell = _cell()
+    assert _result(cell)["status"] == "pass"
+    assert _result(cell, test_fail=1)["status"] == "fail"
+    assert _result(cell, check_fail=1)["status"] == "fail"
+    assert matrix.validate_result(_result(cell, test_fail=1), "c1") == []
+
+
+def _write_repo(root: Path, cells: list, results: dict[str, dict], readme: str | None = None) -> None:
+    (root / "matrices" / "results").mkdir(parents=True)
+    lines = ["schema = 1"]
+    for cell in cells:
+        lines += ["[[cell]]", *(f'{k} = "{getattr(cell, k)}"' for k in ("id", *matrix.AXES))]
+        if cell.excluded:
+            lines.append(f'excluded = "{cell.excluded}"')
+    (root / "matrices" / "cells.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for cell_id, result in results.items():
+        (root / "matrices" / "results" / f"{cell_id}.json").write_text(matrix.dumps(result), encoding="utf-8")
+    if readme is not None:
+        (root / "README.md").write_text(readme, encoding="utf-8")
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_render_is_byte_identical_and_idempotent(tmp_path: Path) -> None:
+    cells = [_cell("c1"), _cell("c2", transformers="4.52.1"), _cell("c3", excluded="cannot resolve here"), _cell("c4")]
+    results = {"c1": _result(cells[0]), "c2": _result(cells[1], test_fail=2, check_fail=1)}
+    readme = f"# Title\n\nintro\n\n{matrix.START_MARKER}\nold table\n{matrix.END_MARKER}\n\nafter\n"
+    first, second = tmp_path / "a", tmp_path / "b"
+    for root in (first, second):
+        _write_repo(root, cells, results, readme)
+        written = matrix.render(root)
+        assert matrix.README_FILE in written and matrix.HEATMAP_FILE in written
+    assert _snapshot(first) == _snapshot(second)
+    assert matrix.render(first, check=True) == []
+    assert matrix.render(first) == []  # a second render changes nothing
+    text = (first / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("# Title\n\nintro\n\n") and text.endswith("\n\nafter\n")
+    assert "old table" not in text
+    assert "`c3`: excluded: cannot resolve here" in text
+    assert "bad \\| pipe" in text  # table-breaking characters are escaped
+    assert (first / "matrices" / "badges" / "c4.svg").read_text().count("not run") >= 1
+    assert json.loads((first / "matrices" / "badges" / "c2.json").read_text())["color"] == "red"
+    assert json.loads((first / "matrices" / "badges" / "c1.json").read_text()) == {
+        "color": "brightgreen",
+        "label": "c1",
+        "message": "4/4 passed",
+        "schemaVersion": 1,
+    }
+    for badge in (first / "matrices" / "badges").glob("*.svg"):
+        ET.fromstring(badge.read_text(encoding="utf-8"))  # well-formed XML
+    assert (first / "matrices" / "heatmap.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_render_check_reports_a_stale_output(tmp_path: Path) -> None:
+    cell = _cell("c1")
+    _write_repo(tmp_path, [cell], {"c1": _result(cell)})
+    matrix.render(tmp_path)
+    results_file = tmp_path / "matrices" / "results" / "c1.json"
+    results_file.write_text(matrix.dumps(_result(cell, test_fail=1)), encoding="utf-8")
+    stale = matrix.render(tmp_path, check=True)
+    assert matrix.BADGES_DIR / "c1.svg" in stale and matrix.TABLE_FILE in stale
+    assert matrix.main(["render", "--check", "--root", str(tmp_path)]) == 1
+
+
+def test_committed_outputs_are_up_to_date() -> None:
+    """README table, badges and heatmap regenerate byte for byte from the committed results."""
+    outputs = matrix.render_outputs(ROOT)
+    import matplotlib
+
+    pinned = next(d.split("==")[1] for d in _noxfile_render_deps() if d.startswith("matplotlib=="))
+    for rel, content in sorted(outputs.items()):
+        if rel == matrix.HEATMAP_FILE and matplotlib.__version__ != pinned:
+            # PNG bytes depend on the matplotlib release: byte equality is only promised for the pinned one
+            # (`nox -s render` installs it); with another release the file must still be committed.
+            assert (ROOT / rel).exists(), f"{rel} is not committed"
+            continue
+        assert (ROOT / rel).read_bytes() == content, f"{rel} is stale: run `nox -s render`"
+
+
+def _noxfile_render_deps() -> tuple[str, ...]:
+    text = (ROOT / "noxfile.py").read_text(encoding="utf-8")
+    found = re.search(r"RENDER_DEPS = \(([^)]*)\)", text)
+    assert found is not None
+    return tuple(re.findall(r'"([^"]+)"', found.group(1)))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda path, data: path.write_text("{not json", encoding="utf-8"), "not valid JSON"),
+        (lambda path, data: path.write_text(matrix.dumps({**data, "cell": "other"})), "expected 'c1'"),
+        (lambda path, data: path.write_text(matrix.dumps({**data, "status": "green"})), "status is 'green'"),
+        (
+            lambda path, data: path.write_text(matrix.dumps({**data, "tests": {**data["tests"], "passed": 99}})),
+            "add up",
+        ),
+        (
+            lambda path, data: path.write_text(matrix.dumps({**data, "check": {**data["check"], "failed": 3}})),
+            "rows count",
+        ),
+        (
+            lambda path, data: path.write_text(matrix.dumps({**_result(_cell(), test_fail=1), "status": "pass"})),
+            "status is 'pass' but",
+        ),
+        (lambda path, data: path.with_name("ghost.json").write_text(matrix.dumps(data)), "no cell 'ghost'"),
+        (lambda path, data: path.with_name("c2.json").write_text(matrix.dumps(data)), "is excluded"),
+    ],
+    ids=["json", "cell", "status", "layers", "rows", "pass-with-failures", "orphan", "excluded"],
+)
+def test_broken_result_file_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture, mutate, message: str) -> None:
+    cells = [_cell("c1"), _cell("c2", excluded="not here")]
+    data = _result(cells[0])
+    _write_repo(tmp_path, cells, {"c1": data}, f"{matrix.START_MARKER}\n{matrix.END_MARKER}\n")
+    mutate(tmp_path / "matrices" / "results" / "c1.json", data)
+    with pytest.raises(matrix.MatrixError, match=re.escape(message)):
+        matrix.render(tmp_path)
+    assert matrix.main(["render", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "results/" in err and message in err
+    assert not (tmp_path / "matrices" / "badges").exists(), "nothing may be rendered from a broken result"
+
+
+def test_readme_markers_must_be_intact(tmp_path: Path) -> None:
+    cell = _cell("c1")
+    _write_repo(tmp_path, [cell], {"c1": _result(cell)}, f"{matrix.END_MARKER}\n{matrix.START_MARKER}\n")
+    with pytest.raises(matrix.MatrixError, match="comes before"):
+        matrix.render(tmp_path)
+
+
+# ------------------------------------------------------------------------------ JUnit layer counting
+
+
+def test_layer_plugin_and_junit_counting(tmp_path: Path) -> None:
+    """Run a real pytest with the compat session's plugin and count the JUnit XML per layer."""
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.registry\ndef test_ok():\n    pass\n"
+        "@pytest.mark.numerics\n@pytest.mark.slow\ndef test_bad():\n    assert 1 == 2, 'numbers differ'\n"
+        "@pytest.mark.registry\n@pytest.mark.skip(reason='no')\ndef test_skip():\n    pass\n"
+        "def test_plain():\n    pass\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n registry\n numerics\n slow\n", encoding="utf-8")
+    junit = tmp_path / "junit.xml"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "matrices")}
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-p", "pytest_layers", "-p", "no:randomly", "-p", "no:cacheprovider"),
+            *("-o", "junit_family=xunit1", f"--junitxml={junit}", "-q", str(tmp_path)),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        check=False,
+    )
+    layers, failures = matrix.junit_layers(junit)
+    assert layers["registry"] | {"seconds": 0} == {"passed": 1, "failed": 0, "skipped": 1, "seconds": 0}
+    assert layers["numerics"]["failed"] == 1 and layers["numerics"]["passed"] == 0
+    assert layers[matrix.UNMARKED]["passed"] == 1
+    assert [f["layer"] for f in failures] == ["numerics"]
+    assert "numbers differ" in failures[0]["message"]
+
+
+def test_unreadable_junit_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "junit.xml").write_text("<testsuites><testcase", encoding="utf-8")
+    with pytest.raises(matrix.MatrixError, match="cannot read JUnit XML"):
+        matrix.junit_layers(tmp_path / "junit.xml")
+
+
+def test_badge_width_follows_the_text() -> None:
+    short = ET.fromstring(matrix.badge_svg("a", "ok", "#4c1"))
+    long = ET.fromstring(matrix.badge_svg("a much longer label", "123/456 passed", "#4c1"))
+    assert int(long.get("width")) > int(short.get("width")) + 100
+    assert "&lt;b&gt;" in matrix.badge_svg("<b>", "x", "#4c1")
