@@ -176,9 +176,11 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UnsafeCheckpointError(
-            f"{path} could not be read with torch.load(weights_only=True): {type(exc).__name__}: {exc}. "
-            "It may contain objects other than tensors; convert it to safetensors."
+            f"{path} could not be read with torch.load(weights_only=True) ({type(exc).__name__}: {first_line}). "
+            "It holds objects other than tensors, which earthmind-compat will not unpickle; convert it to "
+            "safetensors on a machine you trust."
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

@@ -1,0 +1,439 @@
+"""Layer 6: a catalogue of bad inputs, hostile checkpoints, no network, determinism.
+
+Every case must raise our own exception type (never a KeyError, never a deep stack trace from a
+dependency) with a message that names the problem and says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from terratorch.registry import BACKBONE_REGISTRY
+
+import earthmind_compat
+from earthmind_compat.cli import main as cli_main
+from earthmind_compat.compat import UntestedVersionWarning, untested_versions, warn_if_untested
+from earthmind_compat.errors import (
+    ConfigurationError,
+    EarthMindCompatError,
+    InputError,
+    RegistryConflictError,
+    UnknownNameError,
+    UnsafeCheckpointError,
+    WeightsError,
+)
+
+pytestmark = pytest.mark.reliability
+
+
+def internvl(**kwargs):
+    return BACKBONE_REGISTRY.build("internvl2_5_4b", **{"preset": "tiny", **kwargs})
+
+
+def granite(**kwargs):
+    return BACKBONE_REGISTRY.build("granite_4_tiny", **{"preset": "tiny", **kwargs})
+
+
+@pytest.fixture(scope="module")
+def tiny_internvl():
+    return internvl(in_chans=4).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_granite():
+    return granite(in_chans=4).eval()
+
+
+@dataclass
+class Case:
+    """One bad input: what to do, what must be raised, and words the message must contain."""
+
+    id: str
+    action: Callable[[dict], object]
+    error: type[Exception]
+    says: str
+
+
+def _forward(model_name: str, make_input: Callable[[], object]) -> Callable[[dict], object]:
+    return lambda env: env[model_name](make_input())
+
+
+# -- forward inputs ----------------------------------------------------------------------------------------
+INPUT_CASES = [
+    Case("numpy-array", _forward("internvl", lambda: torch.randn(1, 4, 56, 56).numpy()), InputError, "torch.Tensor"),
+    Case("list-input", _forward("granite", lambda: [[1.0]]), InputError, "torch.Tensor"),
+    Case("2d-tensor", _forward("internvl", lambda: torch.randn(56, 56)), InputError, "4-D tensor"),
+    Case("3d-tensor", _forward("internvl", lambda: torch.randn(4, 56, 56)), InputError, "4-D tensor"),
+    Case("5d-time-series", _forward("granite", lambda: torch.randn(1, 4, 2, 64, 64)), InputError, "fold time"),
+    Case("empty-batch", _forward("internvl", lambda: torch.randn(0, 4, 56, 56)), InputError, "at least one image"),
+    Case("too-many-bands", _forward("internvl", lambda: torch.randn(1, 6, 56, 56)), InputError, "in_chans=6"),
+    Case("too-few-bands", _forward("granite", lambda: torch.randn(1, 3, 64, 64)), InputError, "in_chans=3"),
+    Case("height-off-grid", _forward("internvl", lambda: torch.randn(1, 4, 50, 56)), InputError, "multiple of 14"),
+    Case("width-off-grid", _forward("granite", lambda: torch.randn(1, 4, 64, 70)), InputError, "multiple of 16"),
+    Case("smaller-than-patch", _forward("internvl", lambda: torch.randn(1, 4, 8, 8)), InputError, "Resize or pad"),
+    Case("nan-pixels", _forward("internvl", lambda: torch.full((1, 4, 56, 56), float("nan"))), InputError, "no-data"),
+    Case("inf-pixels", _forward("granite", lambda: torch.full((1, 4, 64, 64), float("inf"))), InputError, "no-data"),
+    Case(
+        "uint16-reflectance",
+        _forward("internvl", lambda: torch.randint(0, 10000, (1, 4, 56, 56), dtype=torch.int32)),
+        InputError,
+        "normalise",
+    ),
+    Case(
+        "bool-mask-as-image",
+        _forward("granite", lambda: torch.ones(1, 4, 64, 64, dtype=torch.bool)),
+        InputError,
+        "float",
+    ),
+    Case(
+        "wrong-device", _forward("internvl", lambda: torch.randn(1, 4, 56, 56, device="meta")), InputError, "move one"
+    ),
+    Case(
+        "projector-odd-grid",
+        lambda env: internvl(with_projector=True)(torch.randn(1, 3, 42, 42)),
+        InputError,
+        "multiples of 28",
+    ),
+]
+
+# -- constructor arguments -----------------------------------------------------------------------------------
+BUILD_CASES = [
+    Case("bands-disagree", lambda env: internvl(in_chans=4, bands=["RED", "GREEN"]), ConfigurationError, "agree"),
+    Case("zero-bands", lambda env: granite(in_chans=0), ConfigurationError, "positive integer"),
+    Case("negative-bands", lambda env: internvl(in_chans=-3), ConfigurationError, "positive integer"),
+    Case("float-in-chans", lambda env: internvl(in_chans=3.0), ConfigurationError, "positive integer"),
+    Case("bool-in-chans", lambda env: granite(in_chans=True), ConfigurationError, "positive integer"),
+    Case("bands-as-string", lambda env: internvl(bands="RED"), ConfigurationError, "['RED']"),
+    Case("empty-bands", lambda env: granite(bands=[]), ConfigurationError, "at least one band"),
+    Case("duplicate-bands", lambda env: internvl(bands=["RED", "RED"]), ConfigurationError, "once"),
+    Case("non-string-band", lambda env: internvl(bands=["RED", 7]), ConfigurationError, "strings"),
+    Case("unknown-preset", lambda env: internvl(preset="tinyy"), UnknownNameError, "Did you mean 'tiny'"),
+    Case("unknown-preset-granite", lambda env: granite(preset="ful"), UnknownNameError, "Did you mean 'full'"),
+    Case("out-index-too-big", lambda env: internvl(out_indices=[4]), ConfigurationError, "0..3"),
+    Case("out-index-too-small", lambda env: granite(out_indices=[-5]), ConfigurationError, "negative indices"),
+    Case("out-index-repeated", lambda env: internvl(out_indices=[1, -3]), ConfigurationError, "twice"),
+    Case("out-indices-empty", lambda env: granite(out_indices=[]), ConfigurationError, "at least one"),
+    Case("out-index-string", lambda env: internvl(out_indices=["3"]), ConfigurationError, "integers"),
+    Case("kwarg-typo", lambda env: granite(outindices=[1]), ConfigurationError, "Did you mean 'out_indices'"),
+    Case("kwarg-typo-internvl", lambda env: internvl(keep_cls=False), ConfigurationError, "keep_cls_token"),
+    Case(
+        "unknown-backbone-python",
+        lambda env: earthmind_compat.build_backbone("granite4_tiny"),
+        UnknownNameError,
+        "Did you mean 'granite_4_tiny'",
+    ),
+]
+
+
+# -- weights and checkpoints -----------------------------------------------------------------------------
+def _write(directory: Path, name: str, content: bytes | str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def _copy_checkpoint(env: dict, fixture: str, target: str) -> Path:
+    import shutil
+
+    source, _ = env[fixture]
+    destination = env["tmp"] / target
+    shutil.copytree(source, destination)
+    return destination
+
+
+def _truncated(env: dict) -> Path:
+    directory = _copy_checkpoint(env, "internvl_dir", "truncated")
+    path = directory / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return directory
+
+
+def _corrupt_header(env: dict) -> Path:
+    directory = _copy_checkpoint(env, "internvl_dir", "corrupt")
+    path = directory / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+    return directory
+
+
+def _edited_checkpoint(env: dict, name: str, edit: Callable[[dict], None]) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    directory = _copy_checkpoint(env, "internvl_dir", name)
+    path = directory / "model.safetensors"
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path))
+    return directory
+
+
+class _Exploit:
+    """Pickling this object makes unpickling call ``Path.touch`` on a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _pickle_only(env: dict) -> Path:
+    directory = env["tmp"] / "pickle_only"
+    _write(directory, "config.json", json.dumps({"model_type": "internvl_vision"}))
+    _write(directory, "pytorch_model.bin", pickle.dumps({"weights": _Exploit(env["marker"])}))
+    return directory
+
+
+def _remote_code(env: dict) -> Path:
+    config = {"model_type": "sa2va_chat", "auto_map": {"AutoModel": "modeling_sa2va_chat.Sa2VAChatModel"}}
+    directory = env["tmp"] / "remote_code"
+    _write(directory, "config.json", json.dumps(config))
+    return directory
+
+
+WEIGHT_CASES = [
+    Case(
+        "weights-dir-missing",
+        lambda env: internvl(weights=str(env["tmp"] / "nope")),
+        WeightsError,
+        "existing directory",
+    ),
+    Case(
+        "weights-is-a-file",
+        lambda env: internvl(weights=str(_write(env["tmp"] / "f", "model.safetensors", b"x"))),
+        WeightsError,
+        "pass the directory",
+    ),
+    Case(
+        "hub-id-offline", lambda env: internvl(weights="someone/not-cached"), WeightsError, "huggingface-cli download"
+    ),
+    Case("pretrained-offline", lambda env: granite(pretrained=True), WeightsError, "pass the local directory"),
+    Case(
+        "no-config-json",
+        lambda env: internvl(weights=str(_write(env["tmp"] / "noconf", "model.safetensors", b"x").parent)),
+        WeightsError,
+        "save_pretrained",
+    ),
+    Case(
+        "config-not-json",
+        lambda env: internvl(weights=str(_write(env["tmp"] / "badjson", "config.json", "{oops").parent)),
+        WeightsError,
+        "not valid JSON",
+    ),
+    Case("needs-remote-code", lambda env: internvl(weights=str(_remote_code(env))), UnsafeCheckpointError, "-hf"),
+    Case("pickle-only", lambda env: internvl(weights=str(_pickle_only(env))), UnsafeCheckpointError, "safetensors"),
+    Case(
+        "pickle-opt-in-still-weights-only",
+        lambda env: internvl(weights=str(_pickle_only(env)), allow_pickle=True),
+        UnsafeCheckpointError,
+        "weights_only",
+    ),
+    Case("truncated-safetensors", lambda env: internvl(weights=str(_truncated(env))), WeightsError, "save it again"),
+    Case("corrupt-header", lambda env: internvl(weights=str(_corrupt_header(env))), WeightsError, "save it again"),
+    Case(
+        "wrong-model-type",
+        lambda env: internvl(weights=str(env["granite_dir"][0])),
+        WeightsError,
+        "expected a native InternVL checkpoint",
+    ),
+    Case(
+        "granite-given-internvl",
+        lambda env: granite(weights=str(env["internvl_dir"][0])),
+        WeightsError,
+        "expected 'granitemoehybrid'",
+    ),
+    Case(
+        "checkpoint-missing-key",
+        lambda env: internvl(
+            weights=str(_edited_checkpoint(env, "missing", lambda s: s.pop("encoder.layer.0.lambda_1")))
+        ),
+        WeightsError,
+        "missing ['encoder.layer.0.lambda_1']",
+    ),
+    Case(
+        "checkpoint-extra-key",
+        lambda env: internvl(
+            weights=str(_edited_checkpoint(env, "extra", lambda s: s.update({"encoder.layer.9.bias": torch.ones(1)})))
+        ),
+        WeightsError,
+        "unexpected ['encoder.layer.9.bias']",
+    ),
+    Case(
+        "checkpoint-wrong-shape",
+        lambda env: internvl(
+            weights=str(
+                _edited_checkpoint(env, "shape", lambda s: s.update({"encoder.layer.0.lambda_1": torch.ones(7)}))
+            )
+        ),
+        WeightsError,
+        "wrong shape",
+    ),
+]
+
+CATALOGUE = INPUT_CASES + BUILD_CASES + WEIGHT_CASES
+
+
+@pytest.fixture
+def env(tiny_internvl, tiny_granite, tiny_internvl_vision_dir, tiny_granite_dir, tmp_path):
+    return {
+        "internvl": tiny_internvl,
+        "granite": tiny_granite,
+        "internvl_dir": tiny_internvl_vision_dir,
+        "granite_dir": tiny_granite_dir,
+        "tmp": tmp_path,
+        "marker": tmp_path / "pwned",
+    }
+
+
+def test_catalogue_is_large_and_unique():
+    ids = [case.id for case in CATALOGUE]
+    assert len(ids) == len(set(ids))
+    assert len(ids) >= 40
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=lambda case: case.id)
+def test_bad_input_gives_a_clear_error(case, env):
+    start = time.perf_counter()
+    with pytest.raises(case.error) as caught:
+        case.action(env)
+    assert isinstance(caught.value, EarthMindCompatError)
+    assert not isinstance(caught.value, KeyError)
+    assert case.says in str(caught.value), str(caught.value)
+    assert time.perf_counter() - start < 30, "a bad input must fail fast, not hang"
+    assert not env["marker"].exists(), "a pickle payload was executed"
+
+
+def test_missing_local_weights_fail_offline_in_under_a_second(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(WeightsError):
+        granite(weights="ibm-granite/not-in-any-cache")
+    assert time.perf_counter() - start < 1.0
+
+
+def test_malicious_pickle_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    env = {"tmp": tmp_path, "marker": marker}
+    for allow in (False, True):
+        with pytest.raises(UnsafeCheckpointError):
+            internvl(weights=str(_pickle_only(env)), allow_pickle=allow)
+        assert not marker.exists()
+    pickle.loads(pickle.dumps(_Exploit(marker)))  # the payload is real: plain pickle does run it
+    assert marker.exists()
+
+
+def test_plain_tensor_pickle_loads_when_opted_in(tmp_path, tiny_internvl_vision_dir):
+    from safetensors.torch import load_file
+
+    source, reference = tiny_internvl_vision_dir
+    directory = tmp_path / "pickled"
+    directory.mkdir()
+    (directory / "config.json").write_text((source / "config.json").read_text())
+    torch.save(load_file(str(source / "model.safetensors")), directory / "pytorch_model.bin")
+    with pytest.raises(UnsafeCheckpointError):
+        internvl(weights=str(directory))
+    model = internvl(weights=str(directory), allow_pickle=True).eval()
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.allclose(model(x)[-1], reference(x, output_hidden_states=True).hidden_states[-1], atol=1e-5)
+
+
+def test_no_trust_remote_code_anywhere_in_the_package():
+    package = Path(earthmind_compat.__file__).parent
+    offenders = [p for p in package.rglob("*.py") if "trust_remote_code=True" in p.read_text().replace(" ", "")]
+    assert offenders == []
+
+
+# -- registry, CLI and versions ---------------------------------------------------------------------------
+
+
+def test_cli_unknown_backbone_exits_with_suggestion(capsys):
+    assert cli_main(["check", "--backbones", "internvl"]) == 2
+    assert "Did you mean 'internvl2_5_4b'" in capsys.readouterr().err
+
+
+def test_registry_conflict_is_reported():
+    from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY
+
+    original = TERRATORCH_BACKBONE_REGISTRY._registry["internvl2_5_4b"]
+    TERRATORCH_BACKBONE_REGISTRY._registry["internvl2_5_4b"] = lambda **kwargs: None
+    try:
+        with pytest.raises(RegistryConflictError, match="Import earthmind_compat before"):
+            earthmind_compat.register_all()
+    finally:
+        TERRATORCH_BACKBONE_REGISTRY._registry["internvl2_5_4b"] = original
+
+
+@pytest.mark.parametrize(
+    ("versions", "expected"),
+    [
+        ({"torch": "2.6.0", "terratorch": "1.2.11", "transformers": "5.23.0"}, "torch 2.6.0 is outside"),
+        ({"torch": "2.14.1+cu130", "terratorch": "0.99.9", "transformers": "5.23.0"}, "terratorch 0.99.9"),
+        ({"torch": "2.14.1", "terratorch": "1.2.11", "transformers": "6.0.0"}, "transformers 6.0.0"),
+    ],
+)
+def test_versions_outside_the_matrix_warn(versions, expected):
+    with pytest.warns(UntestedVersionWarning, match=expected):
+        warn_if_untested(versions)
+
+
+def test_versions_inside_the_matrix_are_quiet():
+    assert untested_versions({"torch": "2.14.1+cu130", "terratorch": "1.2.11", "transformers": "4.57.6"}) == []
+
+
+def test_tested_ranges_follow_the_matrix_file():
+    import tomllib
+    from packaging.version import Version
+
+    from earthmind_compat.compat import TESTED_RANGES
+
+    cells = tomllib.loads((Path(__file__).parents[1] / "matrices" / "cells.toml").read_text())["cell"]
+    running = [cell for cell in cells if "excluded" not in cell]
+    for package, (low, high) in TESTED_RANGES.items():
+        versions = sorted({Version(cell[package]) for cell in running})
+        assert (str(versions[0]), str(versions[-1])) == (low, high), package
+
+
+# -- no network, determinism ---------------------------------------------------------------------------------
+
+
+def test_socket_guard_blocks_outgoing_connections():
+    from conftest import NetworkAccessError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock, pytest.raises(NetworkAccessError):
+        sock.connect(("93.184.216.34", 443))
+
+
+def test_hugging_face_offline_mode_is_on():
+    from earthmind_compat.weights import hub_offline
+
+    assert hub_offline()
+
+
+@pytest.mark.parametrize("name", ["internvl2_5_4b", "granite_4_tiny"])
+def test_same_seed_gives_identical_outputs(name):
+    def run(seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(seed)
+        model = BACKBONE_REGISTRY.build(name, preset="tiny").eval()
+        x = torch.randn(2, 3, 64 if name.startswith("granite") else 56, 64 if name.startswith("granite") else 56)
+        with torch.no_grad():
+            return model(x)
+
+    first, second, other = run(0), run(0), run(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not torch.equal(first[-1], other[-1])
+
+
+def test_float64_input_is_accepted_and_matches_float32(tiny_internvl):
+    x = torch.randn(1, 4, 56, 56)
+    with torch.no_grad():
+        assert torch.allclose(tiny_internvl(x.double())[-1], tiny_internvl(x)[-1])
