@@ -747,7 +747,10 @@ def render_heatmap(cells: Sequence[Cell], results: Mapping[str, Mapping[str, Any
     from matplotlib.colors import LinearSegmentedColormap
 
     rows, columns, values = heatmap_matrix(cells, results)
-    cmap = LinearSegmentedColormap.from_list("compat", ["#e05d44", "#dfb317", "#44cc11"]).with_extremes(bad="#d9d9d9")
+    # Anything short of 100 % stays in the red..yellow range, so a single failure is never drawn green.
+    stops = [(0.0, "#e05d44"), (0.99, "#dfb317"), (1.0, "#44cc11")]
+    cmap = LinearSegmentedColormap.from_list("compat", stops).with_extremes(bad="#d9d9d9")
+    status = {cell.id: "excluded" if not cell.active else "" if cell.id in results else "not run" for cell in cells}
     with matplotlib.rc_context({"font.family": "DejaVu Sans", "font.size": 8, "svg.hashsalt": "earthmind"}):
         fig, ax = plt.subplots(figsize=(max(6.0, 0.42 * len(columns) + 4.5), 0.42 * len(rows) + 2.6), dpi=100)
         ax.imshow(values if columns else [[math.nan] for _ in rows], cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
@@ -755,7 +758,10 @@ def render_heatmap(cells: Sequence[Cell], results: Mapping[str, Mapping[str, Any
         ax.set_yticks(range(len(rows)), rows)
         for i, line in enumerate(values):
             for j, value in enumerate(line):
-                text = "n/a" if math.isnan(value) else f"{value:.0%}" if 0 < value < 1 else ("ok" if value else "x")
+                if math.isnan(value):
+                    text = status[rows[i]] or "n/a"
+                else:
+                    text = f"{value:.0%}" if 0 < value < 1 else ("ok" if value else "fail")
                 ax.text(j, i, text, ha="center", va="center", fontsize=6)
         ax.set_title("earthmind-compat: cell x feature (pass fraction; grey = excluded / not run)")
         fig.tight_layout()
