@@ -121,6 +121,14 @@ def test_internvl_full_preset_matches_published_size():
     assert model.out_channels[-1] == 2048 and model.out_channels[0] == 1024
 
 
+def test_internvit_6b_preset_matches_published_size():
+    with torch.device("meta"):
+        model = BACKBONE_REGISTRY.build("internvl2_5_4b", preset="internvit_6b")
+    vision = _count(model.model)
+    assert abs(vision - 5.54e9) / 5.54e9 < 0.01, vision  # InternViT-6B-448px-V2.5: 5,540 M
+    assert model.out_indices == [10, 21, 32, 44]
+
+
 def test_granite_full_preset_matches_published_size():
     from transformers import GraniteMoeHybridConfig, GraniteMoeHybridModel
 

@@ -22,7 +22,8 @@ from earthmind_compat.weights import find_prefix, load_tensors, read_config, ref
 
 #: Vision-tower presets. ``full`` is InternViT-300M-448px-V2.5 as used by InternVL2.5-1B/2B/4B/8B;
 #: ``internvit_6b`` is InternViT-6B-448px-V2.5 of InternVL2.5-26B/38B/78B. ``text_hidden_size`` is the
-#: width of the language model the projector feeds (Qwen2.5-3B for InternVL2.5-4B).
+#: width of the language model the projector feeds (Qwen2.5-3B for InternVL2.5-4B; for the 6B tower the
+#: projector is sized for InternVL2.5-38B's Qwen2.5-32B — load a checkpoint to get another width).
 INTERNVL_PRESETS: dict[str, dict] = {
     "tiny": {
         "hidden_size": 32,
