@@ -265,9 +265,8 @@ def junit_layers(path: str | Path) -> tuple[dict[str, dict[str, float]], list[di
             bad = case.find("error")
         if bad is not None:
             counts["failed"] += 1
-            message = (bad.get("message") or bad.text or "").strip().splitlines()
             name = f"{case.get('classname', '')}::{case.get('name', '')}"
-            failures.append({"test": name, "layer": layer, "message": message[0][:300] if message else ""})
+            failures.append({"test": name, "layer": layer, "message": failure_message(bad)})
         elif case.find("skipped") is not None:
             counts["skipped"] += 1
         else:
@@ -278,6 +277,24 @@ def junit_layers(path: str | Path) -> tuple[dict[str, dict[str, float]], list[di
             counts[key] = int(counts[key])
     failures.sort(key=lambda f: f["test"])
     return dict(sorted(layers.items(), key=lambda kv: _layer_order(kv[0]))), failures
+
+
+_SITE_PACKAGES = re.compile(r"/\S*?/site-packages/")
+_EXCEPTION_LINE = re.compile(r"^E\s+((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit)\b.*)$")
+
+
+def failure_message(element: ET.Element) -> str:
+    """The most telling line of a JUnit ``<failure>`` / ``<error>``: the innermost exception, else the message.
+
+    pytest puts the whole traceback in the element's text; its last ``E   SomeError: ...`` line names the
+    exception that actually happened (e.g. the error inside a subprocess whose output an assertion shows),
+    which is what a reader of the matrix needs. Cut to 300 characters.
+    """
+    lines = [m.group(1).strip() for m in map(_EXCEPTION_LINE.match, (element.text or "").splitlines()) if m]
+    if not lines:
+        lines = (element.get("message") or element.text or "").strip().splitlines()[:1]
+    # Environment-specific prefixes (a venv's site-packages) would make results differ between machines.
+    return _SITE_PACKAGES.sub("site-packages/", lines[-1])[:300] if lines else ""
 
 
 def _layer_order(layer: str) -> tuple[int, str]:

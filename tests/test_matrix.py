@@ -368,6 +368,21 @@ def test_layer_plugin_and_junit_counting(tmp_path: Path) -> None:
     assert "numbers differ" in failures[0]["message"]
 
 
+def test_failure_message_names_the_innermost_exception() -> None:
+    failure = ET.fromstring(
+        '<failure message="AssertionError: some warning noise">'
+        "def test():\n"
+        "E       AssertionError: /x/venv/lib/python3.11/site-packages/a.py:1: SyntaxWarning: noise\n"
+        'E           File "/x/venv/lib/python3.11/site-packages/t/necks.py", line 10\n'
+        "E         ImportError: cannot import name 'Neck' (/x/venv/lib/python3.11/site-packages/t/necks.py)\n"
+        "E       assert 1 == 0\n"
+        "</failure>"
+    )
+    assert matrix.failure_message(failure) == "ImportError: cannot import name 'Neck' (site-packages/t/necks.py)"
+    plain = ET.fromstring('<failure message="first line&#10;second">no exception lines</failure>')
+    assert matrix.failure_message(plain) == "first line"
+
+
 def test_unreadable_junit_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "junit.xml").write_text("<testsuites><testcase", encoding="utf-8")
     with pytest.raises(matrix.MatrixError, match="cannot read JUnit XML"):
