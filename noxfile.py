@@ -224,6 +224,17 @@ def compat(session: nox.Session, cell: str) -> None:
                 check_doc["detail"] = f"{exc}\n{check_doc['detail']}"
     durations["total"] = time.monotonic() - started
 
+    source = {
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "dirty": bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--", "earthmind_compat", "tests", "pyproject.toml"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+        ),
+    }
     result = matrix.build_result(
         spec,
         versions=versions,
@@ -232,6 +243,7 @@ def compat(session: nox.Session, cell: str) -> None:
         tests=tests_doc,
         check=check_doc,
         durations=durations,
+        source=source,
     )
     problems = matrix.validate_result(result, spec.id)
     if problems:  # pragma: no cover - build_result and validate_result disagree

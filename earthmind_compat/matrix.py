@@ -352,6 +352,7 @@ def build_result(
     tests: Mapping[str, Any] | None = None,
     check: Mapping[str, Any] | None = None,
     durations: Mapping[str, float] | None = None,
+    source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble one cell's result document (the content of ``matrices/results/<cell>.json``).
 
@@ -363,6 +364,7 @@ def build_result(
         tests: ``{"exit_code", "detail", "layers", "failures"}`` from the pytest run, or ``None``.
         check: ``{"exit_code", "detail", ...}`` plus :func:`read_check` output, or ``None``.
         durations: Wall seconds per phase.
+        source: What code was tested, e.g. ``{"commit": sha, "dirty": bool}`` (a run tests the work tree).
 
     Returns:
         The result document; ``status`` is ``"pass"`` only if install, every test and every check row
@@ -408,6 +410,7 @@ def build_result(
         "tests": tests_doc,
         "check": check_doc,
         "durations": {k: round(float(v), 1) for k, v in sorted((durations or {}).items())},
+        "source": dict(source or {}),
         "status": "pass" if ok else "fail",
     }
 
