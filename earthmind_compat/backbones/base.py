@@ -106,6 +106,14 @@ class TokenBackbone(nn.Module):
     bands: list[str] | None
     has_cls_token: bool
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # -- memory techniques (earthmind_compat.optimize): every backbone constructor accepts quantization=,
+        # lora=, activation_checkpointing= and technique= and applies them after its own __init__ --
+        from earthmind_compat.optimize.options import wrap_constructor
+
+        wrap_constructor(cls)
+
     def check_input(self, x: object) -> torch.Tensor:
         """Check an image batch before it reaches the model, raising :class:`InputError` with the fix.
 

@@ -1,0 +1,294 @@
+"""bitsandbytes quantization: at load time through ``BitsAndBytesConfig``, or in place on a built model.
+
+In place, every ``nn.Linear`` becomes a ``bnb.nn.Linear4bit`` (nf4 / fp4, optionally with double-quantized
+scales) or a ``bnb.nn.Linear8bitLt`` (LLM.int8(), weights kept in int8). The MoE expert stacks that
+bitsandbytes does not see are handled by :mod:`earthmind_compat.optimize.experts`.
+
+CPU note: on CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time the layer
+runs in eval mode without gradients, asserting ``out_features % 32 == 0``; the repacked layout then breaks
+training the same layer. Layers quantized here have that repacking switched off, so every CPU takes the
+same (portable) code path and a model can alternate between evaluation and training.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from earthmind_compat.errors import ConfigurationError
+from earthmind_compat.optimize.techniques import QUANTIZATIONS
+
+#: bitsandbytes' 4-bit block size (elements sharing one absmax scale).
+BLOCKSIZE_4BIT = 64
+
+
+def _bnb():
+    import bitsandbytes as bnb
+
+    return bnb
+
+
+def _check_quantization(quantization: str) -> None:
+    if quantization not in QUANTIZATIONS:
+        from earthmind_compat.errors import unknown_name
+
+        raise unknown_name("quantization", quantization, QUANTIZATIONS)
+
+
+def bnb_config(
+    quantization: str,
+    double_quant: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    skip_modules: Iterable[str] | None = None,
+):
+    """The ``transformers.BitsAndBytesConfig`` for a quantization name.
+
+    Args:
+        quantization: ``"int8"``, ``"nf4"`` or ``"fp4"``.
+        double_quant: Double-quantize the 4-bit scales (``bnb_4bit_use_double_quant``).
+        compute_dtype: dtype of the 4-bit matmuls (default float32; bfloat16 on a GPU is usual).
+        skip_modules: Module names kept in full precision (``llm_int8_skip_modules``).
+
+    Returns:
+        A ``BitsAndBytesConfig``.
+    """
+    from transformers import BitsAndBytesConfig
+
+    _check_quantization(quantization)
+    skip = list(skip_modules) if skip_modules is not None else None
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def load_quantized(
+    model_class: type,
+    directory: str | os.PathLike,
+    quantization: str,
+    double_quant: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    device_map: str | dict = "cpu",
+    **kwargs: object,
+):
+    """Load a transformers model from a local safetensors checkpoint, quantized while loading.
+
+    This is transformers' own path (``from_pretrained(quantization_config=BitsAndBytesConfig(...))``): weights
+    are quantized tensor by tensor, so the full-precision model never sits in memory at once.
+
+    Args:
+        model_class: A transformers model class, e.g. ``GraniteMoeHybridModel``.
+        directory: Directory written by ``save_pretrained`` (safetensors).
+        quantization: ``"int8"``, ``"nf4"`` or ``"fp4"``.
+        double_quant: Double-quantize the 4-bit scales.
+        compute_dtype: dtype of the 4-bit matmuls.
+        device_map: Where to quantize and keep the weights (``"cpu"``, ``"cuda:0"``, ``"auto"``).
+        **kwargs: Passed to ``from_pretrained``.
+
+    Returns:
+        The loaded, quantized model. MoE expert stacks are still full precision: pass the model to
+        :func:`earthmind_compat.optimize.experts.quantize_experts` for them.
+    """
+    config = bnb_config(quantization, double_quant, compute_dtype, kwargs.pop("skip_modules", None))
+    return model_class.from_pretrained(
+        str(directory),
+        quantization_config=config,
+        device_map=device_map,
+        use_safetensors=True,
+        trust_remote_code=False,
+        **kwargs,
+    )
+
+
+def quantize_linear(
+    linear: nn.Linear,
+    quantization: str,
+    double_quant: bool = False,
+    compute_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Return a bitsandbytes layer holding ``linear``'s weights quantized (on ``linear``'s device).
+
+    Args:
+        linear: A full-precision ``nn.Linear``.
+        quantization: ``"int8"``, ``"nf4"`` or ``"fp4"``.
+        double_quant: Double-quantize the 4-bit scales.
+        compute_dtype: dtype of the 4-bit matmul (default: the input's dtype).
+
+    Returns:
+        A ``Linear4bit`` or ``Linear8bitLt`` with frozen quantized weights and the original bias.
+    """
+    _check_quantization(quantization)
+    bnb = _bnb()
+    device = linear.weight.device
+    weight = linear.weight.detach()
+    has_bias = linear.bias is not None
+    with torch.device("meta"):
+        if quantization == "int8":
+            layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, has_bias, has_fp16_weights=False)
+        else:
+            layer = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                has_bias,
+                compute_dtype=compute_dtype,
+                compress_statistics=double_quant,
+                quant_type=quantization,
+                quant_storage=torch.uint8,
+            )
+    if quantization == "int8":
+        layer.weight = bnb.nn.Int8Params(weight.float().cpu(), requires_grad=False, has_fp16_weights=False).to(device)
+    else:
+        params = bnb.nn.Params4bit(
+            weight.float(),
+            requires_grad=False,
+            blocksize=BLOCKSIZE_4BIT,
+            compress_statistics=double_quant,
+            quant_type=quantization,
+            quant_storage=torch.uint8,
+            module=layer,
+        )
+        layer.weight = params.to(device)
+        layer.quant_state = layer.weight.quant_state
+        # See the module docstring: no in-place CPU repacking (out_features % 32 assert, breaks training).
+        layer.support_avx512bf16_for_cpu = False
+    if has_bias:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    layer.train(linear.training)
+    return layer
+
+
+def quantize_linears(
+    module: nn.Module,
+    quantization: str,
+    double_quant: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    skip: Iterable[str] = (),
+) -> list[str]:
+    """Replace every plain ``nn.Linear`` inside ``module`` by its bitsandbytes counterpart, in place.
+
+    Args:
+        module: Any module (a backbone, a transformers model).
+        quantization: ``"int8"``, ``"nf4"`` or ``"fp4"``.
+        double_quant: Double-quantize the 4-bit scales.
+        compute_dtype: dtype of the 4-bit matmuls.
+        skip: Module paths (or their last component) to keep in full precision.
+
+    Returns:
+        The paths of the replaced layers.
+
+    Raises:
+        ConfigurationError: if weights are on the meta device (nothing to quantize yet).
+    """
+    _check_quantization(quantization)
+    skip = set(skip)
+    replaced = []
+    # Paths first, modules one at a time: holding every old layer until the end would double the memory.
+    paths = [p for p, child in module.named_modules() if type(child) is nn.Linear]
+    for path in paths:
+        if path in skip or path.rsplit(".", 1)[-1] in skip:
+            continue
+        child = module.get_submodule(path)
+        if child.weight.device.type == "meta":
+            raise ConfigurationError(
+                f"{path} has its weights on the meta device; load or initialise the weights before quantizing "
+                "(or use load_quantized to quantize while loading)."
+            )
+        parent_path, _, name = path.rpartition(".")
+        parent = module.get_submodule(parent_path) if parent_path else module
+        setattr(parent, name, quantize_linear(child, quantization, double_quant, compute_dtype))
+        del child
+        replaced.append(path)
+    return replaced
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit or 8-bit linear layer."""
+    bnb = _bnb()
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes of everything ``module.state_dict()`` holds: weights, biases, buffers and quantization state.
+
+    For bitsandbytes layers this includes the packed weights plus their absmax scales, nested scales and
+    code tables, i.e. exactly what a checkpoint of the quantized module stores.
+    """
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+
+
+def weight_share(module: nn.Module) -> dict[str, int]:
+    """Count the module's weight parameters by storage: 4-bit, 8-bit and full precision.
+
+    Counts are in logical elements (a 4-bit weight of 512 x 512 counts 262,144 however it is packed). Works
+    on the meta device.
+
+    Returns:
+        ``{"4bit": n, "8bit": n, "full": n, "total": n}``.
+    """
+    bnb = _bnb()
+    from earthmind_compat.optimize.experts import QuantizedExperts
+
+    counts = {"4bit": 0, "8bit": 0, "full": 0}
+    seen: set[int] = set()
+    for sub in module.modules():
+        if isinstance(sub, bnb.nn.Linear4bit):
+            counts["4bit"] += sub.in_features * sub.out_features
+            seen.add(id(sub.weight))
+        elif isinstance(sub, bnb.nn.Linear8bitLt):
+            counts["8bit"] += sub.in_features * sub.out_features
+            seen.add(id(sub.weight))
+        elif isinstance(sub, QuantizedExperts):
+            pass  # its per-expert layers are counted above
+    for param in module.parameters():
+        if id(param) not in seen:
+            counts["full"] += param.numel()
+    counts["total"] = counts["4bit"] + counts["8bit"] + counts["full"]
+    return counts
+
+
+def _quant_state_tensors(param: torch.Tensor) -> list[torch.Tensor]:
+    state = getattr(param, "quant_state", None)
+    tensors = []
+    if state is not None:
+        tensors += [state.absmax, state.code]
+        if getattr(state, "nested", False):
+            tensors += [state.state2.absmax, state.state2.code, state.offset]
+    scb = getattr(param, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        tensors.append(scb)
+    return [t for t in tensors if isinstance(t, torch.Tensor)]
+
+
+def memory_bytes(module: nn.Module) -> int:
+    """Bytes the module's weights occupy in memory, quantization state included, each storage counted once.
+
+    Parameters and buffers count their data; a 4-bit weight adds its absmax scales and code table (and, with
+    double quantization, the nested scales, nested code and offset); an 8-bit weight adds its row scales.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    tensors: list[torch.Tensor] = []
+    for param in module.parameters():
+        tensors.append(param)
+        tensors += _quant_state_tensors(param)
+    tensors += list(module.buffers())
+    for tensor in tensors:
+        if tensor.device.type == "meta":
+            size = tensor.numel() * tensor.element_size()
+            key = (id(tensor), size)
+        else:
+            storage = tensor.untyped_storage()
+            size = storage.nbytes()
+            key = (storage.data_ptr(), size)
+        if key not in seen:
+            seen.add(key)
+            total += size
+    return total
