@@ -1,0 +1,611 @@
+"""Recommended neck chains per backbone x decoder, checked before a model is built.
+
+A token backbone (``[B, N, C]`` per layer, maybe with a CLS token) has to reach decoders that expect
+image-shaped maps, often a halving pyramid. :func:`recommend` returns the neck chain and decoder
+arguments that make each supported decoder work, :func:`build_model` builds the model through
+TerraTorch's real ``EncoderDecoderFactory`` from just a backbone and a decoder name, and
+:func:`check_chain` rejects an impossible combination with a :class:`ConfigurationError` naming the fix
+before anything reaches a decoder.
+
+Chains (``p`` = ``backbone.patch_size``, ``cls`` = ``backbone.has_cls_token``, K = number of features):
+
+- every decoder: ``TokensToGrid(patch_size=p, cls_token=cls)``, then ``ProjectChannels(width)`` if a
+  ``width`` is asked for;
+- pyramid decoders (``UperNetDecoder``, ``UNetDecoder``, ``smp_*``): then ``SelectIndices`` spreading the K
+  features over exactly 4 (only when K != 4) and TerraTorch's ``LearnedInterpolateToPyramidal``
+  (x4, x2, x1, x0.5);
+- ``FCNDecoder``, ``IdentityDecoder``, ``LinearDecoder`` and classification / scalar regression
+  (``IdentityDecoder`` into TerraTorch's ``ScalarHead``, which averages over positions): nothing more.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from earthmind_compat.errors import ConfigurationError, EarthMindCompatError, unknown_name
+
+#: TerraTorch task names, and the decoder each uses when none is given.
+DEFAULT_DECODER: dict[str, str] = {
+    "segmentation": "UperNetDecoder",
+    "regression": "UperNetDecoder",
+    "classification": "IdentityDecoder",
+    "scalar_regression": "IdentityDecoder",
+}
+PIXEL_TASKS = ("segmentation", "regression")
+SCALAR_TASKS = ("classification", "scalar_regression")
+
+#: Necks that turn tokens into maps, pool them into vectors, or need maps as input.
+_TOKENS_TO_MAPS = {"TokensToGrid", "ReshapeTokensToImage"}
+_POOLING = {"AggregateTokens"}
+_PYRAMID = {"LearnedInterpolateToPyramidal", "InterpolateToPyramidal", "MaxpoolToPyramidal"}
+_NEED_MAPS = _PYRAMID | {"AddBottleneckLayer", "FeaturePyramidNetworkNeck"}
+_KEEP_KIND = {"SelectIndices", "ProjectChannels"}
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """What a backbone returns, as far as necks and decoders care.
+
+    Attributes:
+        out_channels: Channels of each returned feature.
+        patch_size: Side of one patch in pixels.
+        has_cls_token: Whether full-resolution token tensors start with a CLS token.
+        in_chans: Number of input bands.
+        merged_last: Whether the last feature lies on a 2x merged token grid (InternVL's projector).
+    """
+
+    out_channels: tuple[int, ...]
+    patch_size: int
+    has_cls_token: bool
+    in_chans: int
+    merged_last: bool = False
+
+
+def layout_of(backbone: nn.Module) -> FeatureLayout:
+    """Read the :class:`FeatureLayout` of a built token backbone.
+
+    Raises:
+        ConfigurationError: if the module lacks ``out_channels``, ``patch_size`` or ``has_cls_token``.
+    """
+    missing = [a for a in ("out_channels", "patch_size", "has_cls_token", "in_chans") if not hasattr(backbone, a)]
+    if missing:
+        raise ConfigurationError(
+            f"{type(backbone).__name__} has no {', '.join(missing)}; the recipes need a token backbone of "
+            "earthmind-compat (or one exposing out_channels, patch_size, has_cls_token and in_chans). "
+            "Pass necks=[...] yourself for other backbones."
+        )
+    patch = backbone.patch_size
+    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    return FeatureLayout(
+        out_channels=tuple(int(c) for c in backbone.out_channels),
+        patch_size=patch,
+        has_cls_token=bool(backbone.has_cls_token),
+        in_chans=int(backbone.in_chans),
+        merged_last=bool(getattr(backbone, "with_projector", False)),
+    )
+
+
+def layout_of_name(name: str, **backbone_kwargs: object) -> FeatureLayout:
+    """The :class:`FeatureLayout` of one of our backbones, built on the meta device (no memory, no weights).
+
+    Args:
+        name: A name from :data:`earthmind_compat.BACKBONES`.
+        **backbone_kwargs: Constructor arguments; ``weights`` and ``pretrained`` are ignored here.
+    """
+    from earthmind_compat.backbones import BACKBONE_BUILDERS
+
+    if name not in BACKBONE_BUILDERS:
+        raise unknown_name("backbone", name, BACKBONE_BUILDERS)
+    kwargs = {k: v for k, v in backbone_kwargs.items() if k not in ("weights", "pretrained", "allow_pickle")}
+    with torch.device("meta"):
+        return layout_of(BACKBONE_BUILDERS[name](**kwargs))
+
+
+def spread_indices(count: int, wanted: int = 4) -> list[int]:
+    """``wanted`` indices spread evenly over ``count`` features, first and last included (repeats if fewer)."""
+    if count == 1:
+        return [0] * wanted
+    return [round(i * (count - 1) / (wanted - 1)) for i in range(wanted)]
+
+
+@dataclass(frozen=True)
+class DecoderRule:
+    """How a decoder is fed.
+
+    Attributes:
+        pyramid: Needs a halving pyramid of 4 maps (built by ``LearnedInterpolateToPyramidal``).
+        defaults: Decoder arguments from (backbone layout, decoder width, number of classes or outputs).
+    """
+
+    pyramid: bool = False
+    defaults: Callable[[FeatureLayout, int, int | None], dict] = field(default=lambda layout, width, outputs: {})
+
+
+#: Decoders with a recommended chain. Any other ``smp_<Name>`` decoder is fed like ``smp_FPN``.
+DECODER_RULES: dict[str, DecoderRule] = {
+    "FCNDecoder": DecoderRule(defaults=lambda layout, width, outputs: {"channels": width}),
+    "UperNetDecoder": DecoderRule(pyramid=True, defaults=lambda layout, width, outputs: {"channels": width}),
+    "UNetDecoder": DecoderRule(
+        pyramid=True, defaults=lambda layout, width, outputs: {"channels": [max(1, width >> i) for i in range(4)]}
+    ),
+    "IdentityDecoder": DecoderRule(),
+    # TerraTorch's factory never hands num_classes to LinearDecoder (it reads includes_head from the registry,
+    # not the class), so the recipe passes it as a decoder argument; a 1x1 head then follows.
+    "LinearDecoder": DecoderRule(
+        defaults=lambda layout, width, outputs: (
+            {"upsampling_size": layout.patch_size} | ({"num_classes": outputs} if outputs else {})
+        )
+    ),
+    "smp_FPN": DecoderRule(
+        pyramid=True,
+        # smp's FPN segmentation blocks use GroupNorm(32, ...): a multiple of 32 channels.
+        defaults=lambda layout, width, outputs: {
+            "decoder_pyramid_channels": width,
+            "decoder_segmentation_channels": 32 * max(1, width // 64),
+        },
+    ),
+}
+
+
+def decoder_rule(decoder: str) -> DecoderRule:
+    """The :class:`DecoderRule` of ``decoder``.
+
+    Raises:
+        UnknownNameError: for a decoder without a recommended chain, with the closest names.
+    """
+    if decoder in DECODER_RULES:
+        return DECODER_RULES[decoder]
+    if decoder.startswith("smp_"):
+        from terratorch.registry import DECODER_REGISTRY
+
+        if decoder in DECODER_REGISTRY:
+            return DecoderRule(pyramid=True)
+    raise unknown_name("decoder", decoder, DECODER_RULES)
+
+
+@dataclass
+class Recipe:
+    """A neck chain and decoder arguments for one backbone x decoder x task.
+
+    Attributes:
+        task: TerraTorch task name (``segmentation``, ``regression``, ``classification``...).
+        decoder: TerraTorch decoder name.
+        necks: Neck specifications as TerraTorch's ``necks`` argument takes them.
+        decoder_kwargs: Decoder arguments (without the ``decoder_`` prefix).
+    """
+
+    task: str
+    decoder: str
+    necks: list[dict]
+    decoder_kwargs: dict
+
+    def model_args(self, backbone: str, **extra: object) -> dict:
+        """``EncoderDecoderFactory`` arguments, as the ``model_args`` of a TerraTorch YAML config.
+
+        Args:
+            backbone: Backbone name.
+            **extra: More arguments (``backbone_preset``, ``num_classes``...), added as given.
+        """
+        args: dict = {"backbone": backbone, **extra, "necks": copy.deepcopy(self.necks), "decoder": self.decoder}
+        args.update({f"decoder_{k}": copy.deepcopy(v) for k, v in self.decoder_kwargs.items()})
+        return args
+
+
+def _check_task(task: str) -> str:
+    if task not in DEFAULT_DECODER:
+        raise unknown_name("task", task, DEFAULT_DECODER)
+    return task
+
+
+def recommend(
+    backbone: str | nn.Module | FeatureLayout,
+    decoder: str | None = None,
+    task: str = "segmentation",
+    *,
+    width: int | None = None,
+    decoder_width: int | None = None,
+    outputs: int | None = None,
+    **backbone_kwargs: object,
+) -> Recipe:
+    """The recommended neck chain and decoder arguments for a backbone and a decoder.
+
+    Args:
+        backbone: A backbone name (inspected on the meta device), a built backbone, or its layout.
+        decoder: A decoder name from :data:`DECODER_RULES` (or any ``smp_<Name>``); default per task
+            (:data:`DEFAULT_DECODER`).
+        task: TerraTorch task name.
+        width: If given, project every feature to this many channels first (``ProjectChannels``).
+        decoder_width: Decoder channels (default: ``min(256, widest feature)``).
+        outputs: Number of classes (or outputs); needed by decoders that include their head (LinearDecoder).
+        **backbone_kwargs: Constructor arguments when ``backbone`` is a name (``out_indices``...).
+
+    Returns:
+        The :class:`Recipe`.
+
+    Raises:
+        UnknownNameError: for an unknown task, decoder or backbone name.
+        ConfigurationError: for a width that the chain cannot use.
+    """
+    task = _check_task(task)
+    decoder = decoder or DEFAULT_DECODER[task]
+    rule = decoder_rule(decoder)
+    if isinstance(backbone, FeatureLayout):
+        layout = backbone
+    elif isinstance(backbone, nn.Module):
+        layout = layout_of(backbone)
+    else:
+        layout = layout_of_name(backbone, **backbone_kwargs)
+    necks: list[dict] = [{"name": "TokensToGrid", "patch_size": layout.patch_size, "cls_token": layout.has_cls_token}]
+    channels = list(layout.out_channels)
+    if width is not None:
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ConfigurationError(f"width must be a positive integer, got {width!r}.")
+        necks.append({"name": "ProjectChannels", "out_channels": width})
+        channels = [width] * len(channels)
+    if rule.pyramid:
+        if len(channels) != 4:
+            indices = spread_indices(len(channels))
+            necks.append({"name": "SelectIndices", "indices": indices})
+            channels = [channels[i] for i in indices]
+        if min(channels[:2]) < 4:
+            raise ConfigurationError(
+                f"{decoder} is fed through LearnedInterpolateToPyramidal, which divides the first two features' "
+                f"channels by 4 and 2; {channels[:2]} is too narrow. Use width >= 4."
+            )
+        necks.append({"name": "LearnedInterpolateToPyramidal"})
+    if decoder_width is None:
+        decoder_width = min(256, max(channels))
+    defaults = rule.defaults(layout, int(decoder_width), outputs)
+    return Recipe(task=task, decoder=decoder, necks=necks, decoder_kwargs=defaults)
+
+
+def recommended_necks(
+    backbone: str | nn.Module | FeatureLayout,
+    decoder: str | None = None,
+    task: str = "segmentation",
+    **kwargs: object,
+) -> list[dict]:
+    """Just the neck chain of :func:`recommend` (same arguments)."""
+    return recommend(backbone, decoder, task, **kwargs).necks
+
+
+# -- checking a chain before it is built ------------------------------------------------------------------
+
+
+def _neck_names() -> list[str]:
+    from terratorch.registry import NECK_REGISTRY
+
+    return sorted({name for source in NECK_REGISTRY.keys() for name in NECK_REGISTRY[source]})  # noqa: SIM118
+
+
+def _fix_hint(layout: FeatureLayout, decoder: str, task: str) -> str:
+    try:
+        chain = recommend(layout, decoder, task).necks
+    except EarthMindCompatError:
+        return ""
+    return f" The recommended chain for {decoder} is necks={chain}."
+
+
+def check_chain(
+    layout: FeatureLayout,
+    necks: Sequence[Mapping],
+    decoder: str,
+    task: str = "segmentation",
+    decoder_kwargs: Mapping | None = None,
+) -> list[int]:
+    """Check that ``necks`` turn the backbone's features into what ``decoder`` and the task head need.
+
+    It follows the features through the chain (tokens, maps or pooled vectors; how many; which channels,
+    using each real neck's ``process_channel_list``) and raises on the first step that cannot work, naming
+    the step and the fix. Necks it does not know end the form checks (their channels are still followed).
+
+    Args:
+        layout: The backbone's :class:`FeatureLayout`.
+        necks: Neck specifications (``{"name": ..., **arguments}``).
+        decoder: Decoder name.
+        task: TerraTorch task name.
+        decoder_kwargs: Decoder arguments (without prefix).
+
+    Returns:
+        The channel list the decoder receives.
+
+    Raises:
+        ConfigurationError: for an impossible combination.
+        UnknownNameError: for an unknown neck or task name.
+    """
+    from terratorch.registry import NECK_REGISTRY
+
+    task = _check_task(task)
+    decoder_kwargs = dict(decoder_kwargs or {})
+    hint = _fix_hint(layout, decoder, task)
+    kind = "tokens"
+    pyramid = False
+    channels = list(layout.out_channels)
+    for position, spec in enumerate(necks):
+        if not isinstance(spec, Mapping) or "name" not in spec:
+            raise ConfigurationError(f"Neck {position} must be a mapping with a 'name' key, got {spec!r}.")
+        name = spec["name"]
+        arguments = {k: v for k, v in spec.items() if k != "name"}
+        if name not in NECK_REGISTRY:
+            raise unknown_name("neck", name, _neck_names())
+        where = f"Neck {position} ({name})"
+        if name == "ReshapeTokensToImage" and kind == "tokens":
+            remove = arguments.get("remove_cls_token", True)
+            if bool(remove) != layout.has_cls_token:
+                state = "has a CLS token" if layout.has_cls_token else "has no CLS token"
+                raise ConfigurationError(
+                    f"{where} has remove_cls_token={remove} but the backbone {state}: TerraTorch would drop a "
+                    "patch token (or keep the CLS token) and reshape into a wrong grid, silently when the count "
+                    f"happens to be square. Use TokensToGrid(patch_size={layout.patch_size}, "
+                    f"cls_token={layout.has_cls_token}).{hint}"
+                )
+            if layout.merged_last:
+                raise ConfigurationError(
+                    f"{where} cannot reshape the projector's merged tokens next to the tower's (it removes the "
+                    f"CLS token from every feature). Use TokensToGrid.{hint}"
+                )
+        if name == "TokensToGrid" and kind == "tokens":
+            if arguments.get("cls_token", False) != layout.has_cls_token:
+                raise ConfigurationError(
+                    f"{where} has cls_token={arguments.get('cls_token', False)} but backbone.has_cls_token is "
+                    f"{layout.has_cls_token}; set cls_token: {str(layout.has_cls_token).lower()}."
+                )
+            if arguments.get("patch_size") != layout.patch_size:
+                raise ConfigurationError(
+                    f"{where} has patch_size={arguments.get('patch_size')} but the backbone's patch size is "
+                    f"{layout.patch_size}; set patch_size: {layout.patch_size}."
+                )
+        if name in _NEED_MAPS and kind != "maps":
+            raise ConfigurationError(
+                f"{where} needs image-shaped maps [B, C, H, W] but gets {kind}; put TokensToGrid "
+                f"(patch_size={layout.patch_size}, cls_token={layout.has_cls_token}) before it.{hint}"
+            )
+        if name == "LearnedInterpolateToPyramidal":
+            if len(channels) != 4:
+                raise ConfigurationError(
+                    f"{where} needs exactly 4 features but gets {len(channels)}; put "
+                    f"SelectIndices(indices={spread_indices(len(channels))}) before it or use 4 out_indices.{hint}"
+                )
+            if min(channels[:2]) < 4:
+                raise ConfigurationError(
+                    f"{where} divides the first two features' channels by 4 and 2; {channels[:2]} is too narrow."
+                )
+        if name == "SelectIndices":
+            indices = arguments.get("indices")
+            if (
+                not isinstance(indices, Sequence)
+                or not indices
+                or any(
+                    isinstance(i, bool) or not isinstance(i, int) or not -len(channels) <= i < len(channels)
+                    for i in indices
+                )
+            ):
+                raise ConfigurationError(
+                    f"{where} has indices={indices!r}; there are {len(channels)} features, so use a non-empty list "
+                    f"of integers in {-len(channels)}..{len(channels) - 1}."
+                )
+        try:
+            neck = NECK_REGISTRY.build(name, list(channels), **arguments)
+            channels = list(neck.process_channel_list(list(channels)))
+        except EarthMindCompatError:
+            raise
+        except Exception as exc:
+            raise ConfigurationError(
+                f"{where} could not be built for features with channels {channels}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if name in _TOKENS_TO_MAPS:
+            kind = "maps" if kind in ("tokens", "maps") else kind
+        elif name in _POOLING:
+            kind = "vectors"
+        elif name in _PYRAMID:
+            pyramid = True
+        elif name not in _KEEP_KIND and name not in _NEED_MAPS:
+            kind = "unknown"
+    _check_decoder(layout, decoder, task, decoder_kwargs, kind, pyramid, channels, hint)
+    return channels
+
+
+def _check_decoder(
+    layout: FeatureLayout,
+    decoder: str,
+    task: str,
+    decoder_kwargs: dict,
+    kind: str,
+    pyramid: bool,
+    channels: list[int],
+    hint: str,
+) -> None:
+    if kind == "unknown":
+        return
+    if task in SCALAR_TASKS:
+        if kind == "tokens":
+            raise ConfigurationError(
+                f"{task} would feed [B, N, C] tokens to TerraTorch's ScalarHead, which treats dimension 1 as "
+                "channels (N tokens, not C); put TokensToGrid (or AggregateTokens) first." + hint
+            )
+        return
+    if kind != "maps":
+        what = "[B, N, C] tokens" if kind == "tokens" else "pooled [B, C] vectors"
+        raise ConfigurationError(
+            f"{decoder} for {task} needs image-shaped maps [B, C, H, W] but the necks give {what}; "
+            f"put TokensToGrid(patch_size={layout.patch_size}, cls_token={layout.has_cls_token}) first.{hint}"
+        )
+    rule = DECODER_RULES.get(decoder) or (DecoderRule(pyramid=True) if decoder.startswith("smp_") else None)
+    if rule is not None and rule.pyramid and not pyramid and decoder != "UperNetDecoder":
+        raise ConfigurationError(
+            f"{decoder} needs a halving pyramid of maps, but the necks keep every map at the patch grid; add "
+            "LearnedInterpolateToPyramidal (after SelectIndices to 4 features)." + hint
+        )
+    if decoder == "UNetDecoder":
+        unet_channels = decoder_kwargs.get("channels")
+        if not isinstance(unet_channels, Sequence) or len(unet_channels) != len(channels):
+            raise ConfigurationError(
+                f"UNetDecoder needs one decoder channel entry per feature: {len(channels)} features reach it, "
+                f"channels={unet_channels!r}; e.g. decoder_channels: "
+                f"{[max(1, 256 >> i) for i in range(len(channels))]}." + hint
+            )
+    if decoder == "LinearDecoder":
+        missing = [k for k in ("upsampling_size", "num_classes") if k not in decoder_kwargs]
+        if missing:
+            raise ConfigurationError(
+                f"LinearDecoder needs decoder_{' and decoder_'.join(missing)}: upsampling_size = the patch size "
+                f"{layout.patch_size} gives the input's size, and TerraTorch's factory does not pass num_classes "
+                "to this decoder itself." + hint
+            )
+
+
+# -- building -----------------------------------------------------------------------------------------------
+
+
+def build_model(
+    backbone: str | nn.Module,
+    decoder: str | None = None,
+    task: str = "segmentation",
+    *,
+    num_classes: int | None = None,
+    num_outputs: int | None = None,
+    necks: Sequence[Mapping] | None = None,
+    width: int | None = None,
+    decoder_width: int | None = None,
+    decoder_kwargs: Mapping | None = None,
+    head_kwargs: Mapping | None = None,
+    probe: bool = True,
+    probe_size: int | None = None,
+    **backbone_kwargs: object,
+) -> nn.Module:
+    """Build a TerraTorch model from a backbone and a decoder name, with the recommended necks.
+
+    The chain is checked with :func:`check_chain`, the model is built by TerraTorch's real
+    ``EncoderDecoderFactory``, and (with ``probe``) one forward pass on a small zero image in eval mode
+    confirms the output shape, so a combination that cannot work fails here with a
+    :class:`ConfigurationError`, not in the first training step.
+
+    Args:
+        backbone: One of our backbone names, or a built backbone.
+        decoder: Decoder name (default per task: :data:`DEFAULT_DECODER`).
+        task: ``segmentation``, ``regression``, ``classification`` or ``scalar_regression``.
+        num_classes: Classes, for segmentation and classification.
+        num_outputs: Outputs, for regression tasks (default 1).
+        necks: Your own neck chain instead of the recommended one (it is checked all the same).
+        width: Project every feature to this many channels first (recommended chain only).
+        decoder_width: Decoder channels of the recommended arguments (default ``min(256, widest)``).
+        decoder_kwargs: Decoder arguments that override the recommended ones.
+        head_kwargs: Head arguments (``dropout``...).
+        probe: Run the shape probe.
+        probe_size: Side of the probe image in pixels (default 4 patches).
+        **backbone_kwargs: Backbone constructor arguments (``preset``, ``bands``, ``out_indices``...).
+
+    Returns:
+        TerraTorch's ``PixelWiseModel`` or ``ScalarOutputModel``.
+
+    Raises:
+        ConfigurationError: for an impossible combination or missing arguments.
+        UnknownNameError: for an unknown backbone, decoder, neck or task name.
+    """
+    from terratorch.models import EncoderDecoderFactory
+
+    from earthmind_compat.registry import build_backbone
+
+    task = _check_task(task)
+    decoder = decoder or DEFAULT_DECODER[task]
+    if task in ("segmentation", "classification") and num_classes is None:
+        raise ConfigurationError(f"{task} needs num_classes.")
+    if task in ("regression", "scalar_regression") and num_classes is not None:
+        raise ConfigurationError(f"{task} takes num_outputs, not num_classes.")
+    if isinstance(backbone, nn.Module):
+        if backbone_kwargs:
+            raise ConfigurationError(
+                f"Backbone arguments {sorted(backbone_kwargs)} were given with an already built backbone; "
+                "pass a backbone name to build it with them."
+            )
+        module = backbone
+    else:
+        module = build_backbone(backbone, **backbone_kwargs)
+    layout = layout_of(module)
+    if necks is None:
+        recipe = recommend(
+            layout, decoder, task, width=width, decoder_width=decoder_width, outputs=num_classes or num_outputs
+        )
+        chain = recipe.necks
+        arguments = {**recipe.decoder_kwargs, **dict(decoder_kwargs or {})}
+    else:
+        if decoder not in DECODER_RULES:
+            from terratorch.registry import DECODER_REGISTRY
+
+            if decoder not in DECODER_REGISTRY:
+                raise unknown_name("decoder", decoder, DECODER_RULES)
+        chain = [dict(spec) for spec in necks]
+        arguments = dict(decoder_kwargs or {})
+    check_chain(layout, chain, decoder, task, arguments)
+    outputs = {"num_classes": num_classes} if task in ("segmentation", "classification") else {}
+    if num_outputs is not None:
+        outputs = {"num_outputs": num_outputs}
+    try:
+        model = EncoderDecoderFactory().build_model(
+            task,
+            backbone=module,
+            decoder=decoder,
+            necks=copy.deepcopy(chain),
+            decoder_kwargs=arguments,
+            head_kwargs=dict(head_kwargs or {}),
+            **outputs,
+        )
+    except EarthMindCompatError:
+        raise
+    except Exception as exc:
+        raise ConfigurationError(
+            f"TerraTorch could not build the {task} model (necks {[n['name'] for n in chain]} -> {decoder} "
+            f"with {arguments}): {type(exc).__name__}: {exc}"
+        ) from exc
+    if probe:
+        probe_model(model, layout, task, num_classes or num_outputs or 1, probe_size)
+    return model
+
+
+def expected_output_shape(task: str, batch: int, outputs: int, height: int, width: int) -> tuple[int, ...]:
+    """Shape of ``model(x).output`` for a ``[batch, bands, height, width]`` input.
+
+    TerraTorch squeezes a single output channel of pixel-wise models: ``[B, H, W]``.
+    """
+    if task in SCALAR_TASKS:
+        return (batch, outputs)
+    return (batch, height, width) if outputs == 1 else (batch, outputs, height, width)
+
+
+def probe_model(
+    model: nn.Module, layout: FeatureLayout, task: str, outputs: int, size: int | None = None
+) -> tuple[int, ...]:
+    """Run one eval-mode forward pass on a zero image and check the output shape.
+
+    Raises:
+        ConfigurationError: if the forward pass fails or the shape is not the expected one.
+    """
+    size = size or 4 * layout.patch_size
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(torch.zeros(1, layout.in_chans, size, size, device=device)).output
+    except EarthMindCompatError:
+        raise
+    except Exception as exc:
+        raise ConfigurationError(
+            f"The built {task} model fails on a 1x{layout.in_chans}x{size}x{size} probe image: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        model.train(was_training)
+    expected = expected_output_shape(task, 1, outputs, size, size)
+    if tuple(output.shape) != expected:
+        raise ConfigurationError(
+            f"The built {task} model returns {tuple(output.shape)} for a {size}x{size} probe image, expected "
+            f"{expected}."
+        )
+    return expected
