@@ -1,0 +1,258 @@
+"""Layer 2: property tests of the recommended neck chains on every backbone, decoder and task head.
+
+Random bands (1-13), image sizes (not multiples of the patch: TerraTorch pads and crops back), batch sizes,
+out_indices, backbone options, feature widths and decoders must give ``[B, classes, H, W]`` (``[B, H, W]``
+for one regression output, ``[B, classes]`` for scalar tasks); every neck's ``process_channel_list``
+prediction must equal the channels it really produces; and a broken chain must raise our
+ConfigurationError when the model is built, before any decoder runs.
+
+Models are built the way a YAML config builds them (``EncoderDecoderFactory`` with ``Recipe.model_args``)
+and cached by configuration, so each hypothesis example checks several input sizes on one model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+from terratorch.models import EncoderDecoderFactory
+from terratorch.registry import NECK_REGISTRY
+
+from earthmind_compat.backbones import BACKBONE_BUILDERS
+from earthmind_compat.errors import ConfigurationError, UnknownNameError
+from earthmind_compat.recipes import DECODER_RULES, build_model, recommend
+
+pytestmark = pytest.mark.shapes
+
+EXAMPLES = settings().max_examples
+BACKBONES = sorted(BACKBONE_BUILDERS)
+TASK_DECODERS = [
+    *(("segmentation", d) for d in DECODER_RULES),
+    ("regression", "UperNetDecoder"),
+    ("regression", "FCNDecoder"),
+    ("classification", "IdentityDecoder"),
+    ("classification", "UperNetDecoder"),
+    ("scalar_regression", "IdentityDecoder"),
+]
+CASES: list[tuple] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: thread start-up costs more than the work, and the two cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    print(f"\ntest_shapes: {len(CASES)} forward cases, {len(set(c[0] for c in CASES))} distinct models")
+
+
+@functools.cache
+def tiny_facts(backbone: str) -> tuple[int, frozenset[str]]:
+    """Depth of the tiny preset and the constructor's argument names (from a meta-device build)."""
+    from earthmind_compat.backbones.base import argument_names
+
+    with torch.device("meta"):
+        module = BACKBONE_BUILDERS[backbone](preset="tiny")
+    return max(module.out_indices) + 1, frozenset(argument_names(type(module).__init__))
+
+
+@st.composite
+def model_configs(draw):
+    backbone = draw(st.sampled_from(BACKBONES))
+    task, decoder = draw(st.sampled_from(TASK_DECODERS))
+    depth, arguments = tiny_facts(backbone)
+    bands = draw(st.integers(1, 13))
+    kwargs: dict = {"preset": "tiny", "in_chans": bands}
+    layers = st.lists(st.integers(-depth, depth - 1), min_size=1, max_size=depth, unique_by=lambda i: i % depth)
+    out_indices = draw(st.none() | layers)
+    if out_indices is not None:
+        kwargs["out_indices"] = tuple(out_indices)
+    for flag in ("keep_cls_token", "with_projector", "bidirectional_mamba"):
+        if flag in arguments:
+            kwargs[flag] = draw(st.booleans())
+    if kwargs.get("with_projector") and kwargs.get("keep_cls_token") and "modalities" in arguments:
+        kwargs["keep_cls_token"] = False  # EarthMind refuses this pair with a ConfigurationError of its own
+    if "modalities" in arguments and bands >= 2 and draw(st.booleans()):
+        sar = draw(st.integers(1, bands - 1))
+        kwargs["modalities"] = (("SAR", sar), ("OPTICAL", bands - sar))
+        del kwargs["in_chans"]
+    outputs = draw(st.integers(1, 2)) if task.endswith("regression") else draw(st.integers(2, 5))
+    width = draw(st.none() | st.sampled_from([8, 12]))
+    return backbone, task, decoder, tuple(sorted(kwargs.items())), outputs, width
+
+
+@functools.lru_cache(maxsize=16)
+def built(config: tuple) -> tuple[torch.nn.Module, int]:
+    """The model of ``config``, built as a TerraTorch YAML config builds it (and its band count)."""
+    backbone, task, decoder, kwargs, outputs, width = config
+    kwargs = dict(kwargs)
+    if "modalities" in kwargs:
+        kwargs["modalities"] = dict(kwargs["modalities"])
+    if "out_indices" in kwargs:
+        kwargs["out_indices"] = list(kwargs["out_indices"])
+    recipe = recommend(backbone, decoder, task, width=width, outputs=outputs, **kwargs)
+    head = {"num_outputs": outputs} if task.endswith("regression") else {"num_classes": outputs}
+    prefixed = {f"backbone_{k}": v for k, v in kwargs.items()}
+    model = EncoderDecoderFactory().build_model(task, **recipe.model_args(backbone, **prefixed, **head)).eval()
+    bands = sum(dict(kwargs["modalities"]).values()) if "modalities" in kwargs else kwargs["in_chans"]
+    return model, bands
+
+
+def channel_count(feature: torch.Tensor) -> int:
+    return feature.shape[-1] if feature.ndim == 3 else feature.shape[1]
+
+
+def expected_shape(task: str, batch: int, outputs: int, height: int, width: int) -> tuple[int, ...]:
+    if task in ("classification", "scalar_regression"):
+        return (batch, outputs)
+    if outputs == 1:  # TerraTorch squeezes a single output channel
+        return (batch, height, width)
+    return (batch, outputs, height, width)
+
+
+#: Sides from one patch (16 px) up: TerraTorch's reflect padding fails on images smaller than that padding.
+sizes = st.lists(st.tuples(st.integers(1, 3), st.integers(16, 90), st.integers(16, 90)), min_size=2, max_size=4)
+
+
+@settings(max_examples=4 * EXAMPLES)
+@given(model_configs(), sizes)
+def test_recommended_chain_gives_the_task_shape_and_channels_as_predicted(config, shapes):
+    _, task, _, _, outputs, _ = config
+    note(f"config={config}")
+    model, bands = built(config)
+    necks = list(model.neck) if isinstance(model.neck, torch.nn.Sequential) else []
+    seen: dict[int, list[int]] = {}
+    hooks = [
+        neck.register_forward_hook(lambda module, args, out, i=i: seen.__setitem__(i, [channel_count(f) for f in out]))
+        for i, neck in enumerate(necks)
+    ]
+    try:
+        for batch, height, width in shapes:
+            x = torch.randn(batch, bands, height, width)
+            with torch.no_grad():
+                output = model(x).output
+            CASES.append((config, batch, height, width))
+            assert tuple(output.shape) == expected_shape(task, batch, outputs, height, width)
+            assert torch.isfinite(output).all()
+            for i, neck in enumerate(necks):
+                assert seen[i] == list(neck.channel_list), (
+                    f"{type(neck).__name__} predicted {neck.channel_list}, produced {seen[i]}"
+                )
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+# -- impossible combinations fail at build time, from our checks -------------------------------------------
+
+
+def _drop(chain, name):
+    return [n for n in chain if n["name"] != name]
+
+
+def _replace_first(chain, spec):
+    return [spec, *chain[1:]]
+
+
+@st.composite
+def broken_chains(draw):
+    """A backbone, a task/decoder, a broken version of the recommended chain, and what the error must say."""
+    backbone = draw(st.sampled_from(BACKBONES))
+    task, decoder = draw(st.sampled_from(TASK_DECODERS))
+    depth, _ = tiny_facts(backbone)
+    count = draw(st.integers(1, depth))
+    kwargs = {"preset": "tiny", "in_chans": 3, "out_indices": list(range(depth - count, depth))}
+    recipe = recommend(backbone, decoder, task, outputs=2, **kwargs)
+    chain, decoder_kwargs = recipe.necks, dict(recipe.decoder_kwargs)
+    first = chain[0]
+    pyramid = any(n["name"] == "LearnedInterpolateToPyramidal" for n in chain)
+    breakages = {
+        "no reshape": (_drop(chain, "TokensToGrid"), "TokensToGrid"),
+        "cls flipped": (_replace_first(chain, {**first, "cls_token": not first["cls_token"]}), "cls_token"),
+        "patch size": (_replace_first(chain, {**first, "patch_size": first["patch_size"] + 2}), "patch_size"),
+        "terratorch reshape with the wrong cls": (
+            _replace_first(chain, {"name": "ReshapeTokensToImage", "remove_cls_token": not first["cls_token"]}),
+            "remove_cls_token",
+        ),
+        "typo in a neck name": (_replace_first(chain, {**first, "name": "TokenToGrid"}), "Did you mean"),
+        "index out of range": ([*chain, {"name": "SelectIndices", "indices": [7]}], "indices"),
+    }
+    if task in ("segmentation", "regression") and "AggregateTokens" in NECK_REGISTRY:  # TerraTorch >= 1.1
+        breakages["pooled before a pixel decoder"] = ([*chain, {"name": "AggregateTokens", "indices": [-1]}], "pooled")
+    if task in ("classification", "scalar_regression"):
+        breakages["tokens into the scalar head"] = ([], "ScalarHead")
+    if pyramid and count != 4:
+        breakages["four features expected"] = (_drop(chain, "SelectIndices"), "exactly 4 features")
+    if pyramid and decoder != "UperNetDecoder":
+        no_pyramid = [n for n in chain if n["name"] not in ("SelectIndices", "LearnedInterpolateToPyramidal")]
+        breakages["no pyramid"] = (no_pyramid, "halving pyramid")
+    if decoder == "UNetDecoder":
+        breakages["unet channels"] = (chain, "one decoder channel entry per feature")
+    which = draw(st.sampled_from(sorted(breakages)))
+    if which == "unet channels":
+        decoder_kwargs["channels"] = decoder_kwargs["channels"][:-1]
+    return backbone, task, decoder, kwargs, decoder_kwargs, which, *breakages[which]
+
+
+@settings(max_examples=4 * EXAMPLES)
+@given(broken_chains())
+def test_an_impossible_chain_fails_when_the_model_is_built(case):
+    backbone, task, decoder, kwargs, decoder_kwargs, which, chain, message = case
+    note(f"{which}: {chain}")
+    outputs = {"num_outputs": 1} if task.endswith("regression") else {"num_classes": 2}
+    with pytest.raises((ConfigurationError, UnknownNameError), match=message) as caught:
+        build_model(backbone, decoder, task, necks=chain, decoder_kwargs=decoder_kwargs, **outputs, **kwargs)
+    # Raised by our check before TerraTorch builds or runs anything, not a wrapped failure from inside.
+    assert caught.value.__cause__ is None
+    assert caught.traceback[-1].path.name in ("recipes.py", "errors.py")
+
+
+# -- the helper itself ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize(("task", "decoder"), TASK_DECODERS, ids=lambda v: str(v))
+def test_build_model_from_two_names(backbone, task, decoder):
+    outputs = {"num_outputs": 1} if task.endswith("regression") else {"num_classes": 3}
+    model = build_model(backbone, decoder, task, preset="tiny", in_chans=4, **outputs)
+    output = model.train()(torch.randn(2, 4, 40, 52)).output
+    output.float().mean().backward()
+    assert all(p.grad is not None for p in model.decoder.parameters() if p.requires_grad)
+
+
+def test_decoder_and_task_names_get_suggestions():
+    with pytest.raises(UnknownNameError, match="Did you mean 'UperNetDecoder'"):
+        recommend(BACKBONES[0], "UperNetDecoda", preset="tiny")
+    with pytest.raises(UnknownNameError, match="Did you mean 'segmentation'"):
+        recommend(BACKBONES[0], task="segmentaion", preset="tiny")
+
+
+def test_the_probe_catches_what_the_static_check_cannot_see():
+    # MaxpoolToPyramidal with four features needs a grid divisible by 8; the 4 x 4 probe grid is not.
+    chain = [
+        {"name": "TokensToGrid", "patch_size": 16, "cls_token": False},
+        {"name": "MaxpoolToPyramidal"},
+    ]
+    with pytest.raises(ConfigurationError, match="probe image") as caught:
+        build_model(
+            "granite_4_tiny",
+            "UNetDecoder",
+            necks=chain,
+            decoder_kwargs={"channels": [8, 8, 8, 8]},
+            num_classes=2,
+            preset="tiny",
+        )
+    assert caught.value.__cause__ is not None
+    build_model(
+        "granite_4_tiny",
+        "UNetDecoder",
+        necks=chain,
+        decoder_kwargs={"channels": [8, 8, 8, 8]},
+        num_classes=2,
+        preset="tiny",
+        probe_size=128,
+    )
