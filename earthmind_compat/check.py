@@ -97,6 +97,42 @@ def check_segmentation(backbone: str) -> str:
     return f"UperNet -> {list(output.shape)}"
 
 
+@feature("necks")
+def check_necks(backbone: str) -> str:
+    """Our necks built by name through TerraTorch's neck list on real tokens; channels as predicted."""
+    from terratorch.models.necks import build_neck_list
+    from terratorch.registry import BACKBONE_REGISTRY
+
+    model = BACKBONE_REGISTRY.build(backbone, preset="tiny", in_chans=TINY_BANDS).eval()
+    x = tiny_input(backbone)
+    specs = [
+        {"name": "TokensToGrid", "patch_size": model.patch_size, "cls_token": model.has_cls_token},
+        {"name": "ProjectChannels", "out_channels": 8},
+    ]
+    necks, _ = build_neck_list(specs, list(model.out_channels))
+    with torch.no_grad():
+        features = model(x)
+        for neck in necks:
+            features = neck(features, image_size=x.shape[-2:])
+            real = [f.shape[1] for f in features]
+            expect(real == list(neck.channel_list), f"{type(neck).__name__}: {real} != {neck.channel_list}")
+    rows, cols = model.grid_size(x.shape[-2], x.shape[-1])
+    expect(all(tuple(f.shape[-2:]) == (rows, cols) for f in features), "maps are not on the patch grid")
+    return f"TokensToGrid + ProjectChannels -> {len(features)} x [2, 8, {rows}, {cols}]"
+
+
+@feature("decoders")
+def check_decoders(backbone: str) -> str:
+    """Every decoder with a recommended chain, and classification, built from two names and probed."""
+    from earthmind_compat.recipes import DECODER_RULES, build_model
+
+    built = []
+    for task, decoder in [*(("segmentation", d) for d in DECODER_RULES), ("classification", "IdentityDecoder")]:
+        build_model(backbone, decoder, task, num_classes=2, preset="tiny", in_chans=TINY_BANDS)
+        built.append(decoder if task == "segmentation" else "ScalarHead")
+    return ", ".join(built)
+
+
 @dataclass
 class Row:
     """One cell of the check table."""
