@@ -545,12 +545,14 @@ def build_model(
     outputs = {"num_classes": num_classes} if task in ("segmentation", "classification") else {}
     if num_outputs is not None:
         outputs = {"num_outputs": num_outputs}
+    padding = {"padding": backbone_kwargs["padding"]} if "padding" in backbone_kwargs else {}
     try:
         model = EncoderDecoderFactory().build_model(
             task,
             backbone=module,
             decoder=decoder,
             necks=copy.deepcopy(chain),
+            backbone_kwargs=padding,
             decoder_kwargs=arguments,
             head_kwargs=dict(head_kwargs or {}),
             **outputs,
@@ -609,3 +611,66 @@ def probe_model(
             f"{expected}."
         )
     return expected
+
+
+class RecipeFactory:
+    """A TerraTorch model factory that fills in the recommended necks: YAML names only backbone and decoder.
+
+    Registered in TerraTorch's ``MODEL_FACTORY_REGISTRY`` it is used as ``model_factory: RecipeFactory``,
+    with ``model_args`` such as ``backbone``, ``decoder``, ``num_classes`` and ``backbone_*`` / ``decoder_*``
+    / ``head_*`` keys as for ``EncoderDecoderFactory``, plus ``necks``, ``width``, ``decoder_width``,
+    ``probe`` and ``probe_size`` of :func:`build_model`.
+    """
+
+    _OPTIONS = ("necks", "width", "decoder_width", "probe", "probe_size", "num_classes", "num_outputs")
+
+    def build_model(
+        self,
+        task: str,
+        backbone: str | nn.Module,
+        decoder: str | None = None,
+        aux_decoders: Sequence | None = None,
+        **kwargs: object,
+    ) -> nn.Module:
+        """Build the model with :func:`build_model`; arguments as ``EncoderDecoderFactory.build_model``.
+
+        Raises:
+            ConfigurationError: for auxiliary decoders or unknown arguments.
+        """
+        if aux_decoders:
+            raise ConfigurationError(
+                "RecipeFactory does not build auxiliary decoders; use EncoderDecoderFactory with the necks of "
+                "earthmind_compat.recipes.recommend(...)."
+            )
+        groups: dict[str, dict] = {"backbone_": {}, "decoder_": {}, "head_": {}}
+        options: dict = {}
+        unknown = []
+        for key, value in kwargs.items():
+            prefix = next((p for p in groups if key.startswith(p)), None)
+            if prefix is not None:
+                groups[prefix][key.removeprefix(prefix)] = value
+            elif key in self._OPTIONS:
+                options[key] = value
+            else:
+                unknown.append(key)
+        if unknown:
+            from earthmind_compat.errors import did_you_mean
+
+            hints = "".join(did_you_mean(k, self._OPTIONS) for k in unknown)
+            raise ConfigurationError(
+                f"RecipeFactory got unknown model_args {sorted(unknown)}.{hints} Valid: backbone, decoder, "
+                f"{', '.join(self._OPTIONS)} and backbone_* / decoder_* / head_* keys."
+            )
+        return build_model(
+            backbone,
+            decoder,
+            task,
+            decoder_kwargs=groups["decoder_"] or None,
+            head_kwargs=groups["head_"] or None,
+            **options,
+            **groups["backbone_"],
+        )
+
+
+#: Model factories for :func:`earthmind_compat.registry.register_all` to register (by class name).
+MODEL_FACTORIES: tuple[type, ...] = (RecipeFactory,)
