@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from earthmind_compat.backbones.earthmind import EarthMindBackbone
 from earthmind_compat.backbones.granite import GraniteBackbone
 from earthmind_compat.backbones.internvl import InternVLBackbone
 
@@ -14,6 +15,11 @@ from earthmind_compat.backbones.internvl import InternVLBackbone
 def internvl2_5_4b(**kwargs: object) -> InternVLBackbone:
     """InternVL2.5-4B's vision tower (InternViT-300M-448px-V2.5); see :class:`InternVLBackbone`."""
     return InternVLBackbone(**kwargs)
+
+
+def earthmind_v1(**kwargs: object) -> EarthMindBackbone:
+    """EarthMind-4B's image side: InternViT, projector and SAR/optical gating; see :class:`EarthMindBackbone`."""
+    return EarthMindBackbone(**kwargs)
 
 
 def granite_4_tiny(**kwargs: object) -> GraniteBackbone:
@@ -25,16 +31,19 @@ def granite_4_tiny(**kwargs: object) -> GraniteBackbone:
 BACKBONE_BUILDERS: dict[str, Callable] = {
     "internvl2_5_4b": internvl2_5_4b,
     "granite_4_tiny": granite_4_tiny,
+    "earthmind_v1": earthmind_v1,
 }
 
 #: Whether each backbone's token tensors start with a CLS token at its default settings.
-CLS_TOKEN_BY_DEFAULT: dict[str, bool] = {"internvl2_5_4b": True, "granite_4_tiny": False}
+CLS_TOKEN_BY_DEFAULT: dict[str, bool] = {"internvl2_5_4b": True, "granite_4_tiny": False, "earthmind_v1": False}
 
 __all__ = [
     "BACKBONE_BUILDERS",
     "CLS_TOKEN_BY_DEFAULT",
+    "EarthMindBackbone",
     "GraniteBackbone",
     "InternVLBackbone",
+    "earthmind_v1",
     "granite_4_tiny",
     "internvl2_5_4b",
 ]

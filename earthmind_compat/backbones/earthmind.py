@@ -1,0 +1,301 @@
+"""EarthMind (InternVL2.5-4B + SAR/optical gating) as a TerraTorch backbone, from the native classes.
+
+EarthMind passes its SAR image and its optical image through the same InternViT-300M tower and the same
+projector (pixel shuffle 0.5, then the MLP to the language model width, 2048), gates the two projected
+token sequences against each other (:mod:`earthmind_compat.backbones.fusion`) and hands them to the
+language model. This backbone rebuilds the image side from ``transformers``' ``InternVLVisionModel`` and
+``InternVLMultiModalProjector``, loads the released checkpoint through :mod:`earthmind_compat.convert`,
+and returns TerraTorch features:
+
+* one feature per layer in ``out_indices``: the tower's tokens of every modality, side by side on the
+  channel axis, ``[B, N, n_modalities * hidden]`` (SAR channels first);
+* with ``with_projector=True``, a last feature with the fused projected tokens, ``[B, N / 4, 2 * 2048]``:
+  per 2x2 patch block, the gated SAR token and the gated optical token side by side. (The language model
+  reads the same values as a sequence, all SAR tokens then all optical ones: :meth:`EarthMindOutput.sequence`.)
+
+With one modality (or without ``modalities``) it is EarthMind's single-image path: no gating, and the
+projected feature is the projected tokens of that modality.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import InternVLVisionModel
+from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector, InternVLVisionPatchEmbeddings
+
+from earthmind_compat.backbones.base import (
+    TokenBackbone,
+    argument_names,
+    choose_preset,
+    reject_unknown_kwargs,
+    resolve_out_indices,
+)
+from earthmind_compat.backbones.fusion import CrossModalGate, FusionOutput
+from earthmind_compat.backbones.internvl import (
+    INTERNVL_PRESETS,
+    load_strict,
+    pixel_shuffle,
+    projector_config,
+    vision_config_from_preset,
+)
+from earthmind_compat.backbones.modalities import ModalityLayout, resolve_modalities
+from earthmind_compat.bands import adapt_patch_weight
+from earthmind_compat.errors import ConfigurationError, InputError, WeightsError
+from earthmind_compat.weights import resolve_weights_dir
+
+#: ``tiny`` for tests; ``full`` is EarthMind-4B's image side: InternViT-300M-448px-V2.5 and a projector to
+#: Qwen2.5-3B's width 2048 (the gate has the same width).
+EARTHMIND_PRESETS: dict[str, dict] = {"tiny": dict(INTERNVL_PRESETS["tiny"]), "full": dict(INTERNVL_PRESETS["full"])}
+
+
+@dataclass
+class EarthMindOutput:
+    """Everything one forward pass computes, before it is flattened into TerraTorch features.
+
+    Attributes:
+        layers: Per modality, the tokens of each layer in ``out_indices`` (with CLS if ``keep_cls_token``).
+        projected: Per modality, the projected tokens ``[B, N / 4, text_hidden]`` before gating (or ``None``).
+        fusion: Gated tokens and gates when two modalities are fused with the projector (else ``None``).
+    """
+
+    layers: dict[str, list[torch.Tensor]]
+    projected: dict[str, torch.Tensor] | None
+    fusion: FusionOutput | None
+
+    def sequence(self) -> torch.Tensor | None:
+        """The image tokens as EarthMind's language model reads them (``None`` without the projector)."""
+        if self.fusion is not None:
+            return self.fusion.sequence()
+        if self.projected is not None:
+            return next(iter(self.projected.values()))
+        return None
+
+
+class EarthMindBackbone(TokenBackbone):
+    """EarthMind's image side: shared InternViT tower, projector and cross-modal gating of SAR and optical.
+
+    Args:
+        preset: ``"tiny"`` (tests) or ``"full"`` (EarthMind-4B dimensions, random init).
+        weights: Local directory (or hub id) of EarthMind's released checkpoint (``model_type`` ``sa2va_chat``,
+            safetensors). Its config is read as data and its tensors renamed by :mod:`earthmind_compat.convert`;
+            no remote code is run.
+        pretrained: With ``weights`` unset, True means the published ``sy1998/EarthMind-4B``.
+        in_chans: Channels of a stacked input tensor (must equal the modalities' total if both are given).
+        bands: Band names of a stacked input tensor, in order (see ``modalities``).
+        modalities: ``{name: band names or band count}``, main (SAR) modality first, optical second, e.g.
+            ``{"S1GRD": ["VV", "VH"], "S2L2A": ["BLUE", "GREEN", "RED"]}``. ``forward`` then takes a dict with
+            these keys, or a stacked tensor that is split by band name (or by position). One entry, or
+            ``None`` (then ``in_chans`` / ``bands`` describe the single sensor), is the single-sensor path.
+        out_indices: Vision layers whose tokens are returned (default: four spread over the depth).
+        keep_cls_token: Keep each modality's CLS token at index 0 of the layer features (default False, so
+            every feature, projected ones included, is a plain token grid).
+        with_projector: Also return the fused projected tokens as a last feature (the gated tokens EarthMind
+            feeds its language model, laid out per position). Needs an even token grid.
+        image_size: Position-embedding grid size in pixels (other input sizes are interpolated).
+        allow_pickle: Read pickle checkpoints with ``weights_only=True`` when no safetensors exist.
+        **kwargs: Only keys TerraTorch's factory consumes itself (``padding``, ``patch_size``).
+
+    Pretrained patch kernels for other band sets: every modality starts from the released RGB kernel by the
+    rule of :mod:`earthmind_compat.bands` (RED/GREEN/BLUE keep their kernels, other named bands get the mean,
+    scaled by ``3 / n_bands``; three unnamed bands keep the kernel as it is, as EarthMind fed its 3-channel
+    SAR and optical renderings). A single named SAR band (e.g. ``["VV"]``) thus equals a grey image
+    repeated over R, G and B.
+    """
+
+    family = "earthmind"
+    default_hub_id = "sy1998/EarthMind-4B"
+
+    def __init__(
+        self,
+        preset: str = "full",
+        weights: str | None = None,
+        pretrained: bool = False,
+        in_chans: int | None = None,
+        bands: Sequence[object] | None = None,
+        modalities: Mapping[str, object] | None = None,
+        out_indices: Sequence[int] | None = None,
+        keep_cls_token: bool = False,
+        with_projector: bool = False,
+        image_size: int | None = None,
+        allow_pickle: bool = False,
+        **kwargs: object,
+    ) -> None:
+        super().__init__()
+        reject_unknown_kwargs(type(self).__name__, kwargs, argument_names(type(self).__init__))
+        settings = choose_preset("EarthMind", EARTHMIND_PRESETS, preset)
+        self.preset = preset
+        self.layout: ModalityLayout = resolve_modalities(modalities, in_chans, bands)
+        self.in_chans, self.bands = self.layout.in_chans, self.layout.bands
+        if with_projector and keep_cls_token:
+            raise ConfigurationError(
+                "with_projector=True adds projected tokens, which have no CLS token, so keep_cls_token=True would "
+                "give features that disagree about it (TerraTorch's ReshapeTokensToImage removes it from all or "
+                "none). Use keep_cls_token=False."
+            )
+        if weights is None and pretrained:
+            weights = self.default_hub_id
+        checkpoint = remote = None
+        self.projector_layer: int | None = None
+        if weights is not None:
+            from earthmind_compat.convert import open_remote_checkpoint, remote_settings
+
+            checkpoint = open_remote_checkpoint(resolve_weights_dir(weights), allow_pickle)
+            remote = remote_settings(checkpoint.config, checkpoint.directory)
+            settings.update(remote.vision)
+            self.projector_layer = remote.projector_layer
+
+        self.text_hidden_size = settings["text_hidden_size"]
+        main, *others = self.layout.modalities
+        self.vision_config = vision_config_from_preset(settings, main.channels, image_size)
+        self.model = InternVLVisionModel(self.vision_config)
+        self.aux_patch_embeddings: InternVLVisionPatchEmbeddings | None = None
+        if others:
+            aux_config = copy.deepcopy(self.vision_config)
+            aux_config.num_channels = others[0].channels
+            self.aux_patch_embeddings = InternVLVisionPatchEmbeddings(aux_config)
+        self.projector: InternVLMultiModalProjector | None = None
+        self.gate: CrossModalGate | None = None
+        if with_projector:
+            self.projector = InternVLMultiModalProjector(projector_config(self.vision_config, self.text_hidden_size))
+            if others:
+                self.gate = CrossModalGate(self.text_hidden_size)
+        self.with_projector = bool(with_projector)
+
+        num_layers = self.vision_config.num_hidden_layers
+        if self.projector_layer is None:
+            self.projector_layer = num_layers - 1
+        self.out_indices = resolve_out_indices(out_indices, num_layers)
+        self.keep_cls_token = bool(keep_cls_token)
+        self.has_cls_token = self.keep_cls_token
+        self.patch_size = int(self.vision_config.patch_size[0])
+        width = self.vision_config.hidden_size * len(self.layout.modalities)
+        self.out_channels = [width] * len(self.out_indices)
+        if with_projector:
+            self.out_channels.append(self.text_hidden_size * len(self.layout.modalities))
+        if checkpoint is not None:
+            self._load_remote(checkpoint, remote)
+
+    # -- weights -----------------------------------------------------------------------------------------
+    def _load_remote(self, checkpoint, remote) -> None:
+        from earthmind_compat.convert import convert_checkpoint, split_layout
+
+        parts = split_layout(convert_checkpoint(checkpoint, remote))
+        tower = parts["vision_tower"]
+        kernel_key = "embeddings.patch_embeddings.projection.weight"
+        bias_key = "embeddings.patch_embeddings.projection.bias"
+        released = tower[kernel_key]
+        main, *others = self.layout.modalities
+        tower[kernel_key] = self._kernel_for(released, main)
+        load_strict(self.model, tower, checkpoint.directory, "vision tower")
+        if self.aux_patch_embeddings is not None:
+            aux = {"projection.weight": self._kernel_for(released, others[0]), "projection.bias": tower[bias_key]}
+            load_strict(self.aux_patch_embeddings, aux, checkpoint.directory, f"{others[0].name} patch embedding")
+        if self.projector is not None:
+            load_strict(self.projector, parts["projector"], checkpoint.directory, "projector")
+        if self.gate is not None:
+            load_strict(self.gate, parts["gate"], checkpoint.directory, "cross-modal gate")
+
+    @staticmethod
+    def _kernel_for(released: torch.Tensor, modality) -> torch.Tensor:
+        if released.shape[1] == modality.channels and modality.bands is None:
+            return released.clone()
+        if released.shape[1] != 3:
+            raise WeightsError(
+                f"The released patch kernel has {released.shape[1]} channels; modality {modality.name!r} needs "
+                f"{modality.channels} and only 3-channel (RGB) kernels can be adapted."
+            )
+        return adapt_patch_weight(released, modality.channels, modality.bands)
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def split_input(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Turn a dict of modalities or a stacked tensor into checked ``{modality: [B, C, H, W]}``.
+
+        Raises:
+            InputError: for a missing or unexpected modality, or a tensor of the wrong shape or kind.
+        """
+        if isinstance(x, Mapping):
+            return self.layout.check_dict(x, self.patch_size)
+        self.check_input(x)
+        return self.layout.split(x)
+
+    def _embed(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name == self.layout.modalities[0].name:
+            return self.model.embeddings(x)
+        embeddings = self.model.embeddings
+        tokens = self.aux_patch_embeddings(x)
+        tokens = torch.cat((embeddings.cls_token.expand(x.shape[0], -1, -1), tokens), dim=1)
+        tokens = tokens + embeddings.interpolate_pos_encoding(tokens, x.shape[-2], x.shape[-1])
+        return embeddings.dropout(tokens)
+
+    def forward_modalities(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> EarthMindOutput:
+        """Run the tower on every modality (one batch), then the projector and the gating.
+
+        Args:
+            x: A dict ``{modality: [B, C_m, H, W]}`` or a stacked ``[B, in_chans, H, W]`` tensor.
+
+        Returns:
+            The per-modality layer tokens, projected tokens and fusion (see :class:`EarthMindOutput`).
+        """
+        inputs = self.split_input(x)
+        names = self.layout.names
+        height, width = inputs[names[0]].shape[-2:]
+        rows, cols = self.grid_size(height, width)
+        if self.projector is not None and (rows % 2 or cols % 2):
+            raise InputError(
+                f"with_projector needs an even token grid, got {rows}x{cols} patches for a {height}x{width} image; "
+                f"use sides that are multiples of {2 * self.patch_size} px."
+            )
+        batch = inputs[names[0]].shape[0]
+        hidden = torch.cat([self._embed(name, inputs[name]) for name in names], dim=0)
+        last = max(self.out_indices)
+        if self.projector is not None:
+            last = max(last, self.projector_layer)
+        collected: dict[int, torch.Tensor] = {}
+        for index, layer in enumerate(self.model.encoder.layer[: last + 1]):
+            output = layer(hidden)
+            hidden = output[0] if isinstance(output, tuple) else output
+            if index in self.out_indices or index == self.projector_layer:
+                collected[index] = hidden
+        layers = {
+            name: [
+                collected[i][k * batch : (k + 1) * batch, (0 if self.keep_cls_token else 1) :] for i in self.out_indices
+            ]
+            for k, name in enumerate(names)
+        }
+        projected = fusion = None
+        if self.projector is not None:
+            grid = collected[self.projector_layer][:, 1:].reshape(len(names) * batch, rows, cols, -1)
+            shuffled = pixel_shuffle(grid)
+            tokens = self.projector(shuffled.reshape(len(names) * batch, -1, shuffled.shape[-1]))
+            projected = {name: tokens[k * batch : (k + 1) * batch] for k, name in enumerate(names)}
+            if self.gate is not None:
+                fusion = self.gate(projected[names[0]], projected[names[1]])
+        return EarthMindOutput(layers=layers, projected=projected, fusion=fusion)
+
+    def features(self, output: EarthMindOutput) -> list[torch.Tensor]:
+        """Flatten an :class:`EarthMindOutput` into the TerraTorch feature list (see the module docstring)."""
+        names = self.layout.names
+        features = [torch.cat([output.layers[n][i] for n in names], dim=-1) for i in range(len(self.out_indices))]
+        if output.fusion is not None:
+            features.append(output.fusion.grid())
+        elif output.projected is not None:
+            features.append(output.projected[names[0]])
+        return features
+
+    def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor], **kwargs: object) -> list[torch.Tensor]:
+        """Return one token tensor per layer in ``out_indices`` (and the fused projected tokens if enabled).
+
+        Args:
+            x: A dict ``{modality: [B, C_m, H, W]}`` or a stacked ``[B, in_chans, H, W]`` tensor; H and W
+                multiples of ``patch_size`` (of twice it with the projector), equal for all modalities.
+            **kwargs: Other batch keys TerraTorch passes (ignored).
+
+        Returns:
+            ``[B, N, n_modalities * hidden]`` per layer (``1 + N`` tokens with ``keep_cls_token``), then with the
+            projector ``[B, N / 4, n_modalities * text_hidden]``; N = (H / 14) * (W / 14).
+        """
+        return self.features(self.forward_modalities(x))
