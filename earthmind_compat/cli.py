@@ -12,6 +12,7 @@ from earthmind_compat.errors import EarthMindCompatError
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMAND_MODULES = [
     "earthmind_compat.commands.check",
+    "earthmind_compat.commands.plan",
     "earthmind_compat.commands.synthetic_data",
 ]
 

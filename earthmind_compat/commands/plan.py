@@ -1,0 +1,59 @@
+"""``earthmind-compat plan``: will a backbone + technique + batch fit in a given memory?"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "plan"
+HELP = "estimate weights, gradients, optimizer state and activations of a training setup, and whether it fits"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``plan``."""
+    parser.add_argument("--backbone", required=True, help="registered backbone name, e.g. internvl2_5_4b")
+    parser.add_argument("--preset", default="full", help="preset (default: full)")
+    parser.add_argument("--technique", default="none", help="e.g. nf4+lora+ckpt, qlora, int8 (default: none)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per step (default: 1)")
+    parser.add_argument("--image-size", type=int, default=224, help="image side in pixels (default: 224)")
+    parser.add_argument("--gpu-memory", default=None, help="device memory, e.g. 24GiB; decides 'fits'")
+    parser.add_argument("--optimizer", default="adamw", help="adamw, adam, sgd or sgd_momentum (default: adamw)")
+    parser.add_argument("--in-chans", type=int, default=3, help="input bands (default: 3)")
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the plan; exit code 1 when ``--gpu-memory`` is given and the plan does not fit."""
+    from earthmind_compat.optimize.plan import format_bytes, plan_memory
+
+    plan = plan_memory(
+        args.backbone,
+        preset=args.preset,
+        technique=args.technique,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        gpu_memory=args.gpu_memory,
+        optimizer=args.optimizer,
+        in_chans=args.in_chans,
+        lora_r=args.lora_r,
+    )
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print(
+            f"{plan.backbone} ({plan.preset}, {plan.parameters / 1e6:.1f} M parameters), technique {plan.technique}, "
+            f"batch {plan.batch_size} x {plan.image_size} px"
+        )
+        for label, value in (
+            ("weights", plan.weights),
+            ("gradients", plan.gradients),
+            ("optimizer state", plan.optimizer),
+            ("activations (fp32)", plan.activations),
+            ("total", plan.total),
+        ):
+            print(f"  {label:<20} {format_bytes(value):>12}")
+        if plan.gpu_memory is not None:
+            verdict = "fits" if plan.fits else "does NOT fit"
+            print(f"  {verdict} in {format_bytes(plan.gpu_memory)}")
+    return 0 if plan.fits in (None, True) else 1
