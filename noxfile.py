@@ -109,9 +109,9 @@ def _reference_install(session: nox.Session) -> None:
     session.install("-e", ".[test]", *REFERENCE.requirements())
 
 
-@nox.session(python=REFERENCE.python)
+@nox.session(python=REFERENCE.python, venv_backend="uv|virtualenv")
 def tests(session: nox.Session) -> None:
-    """``pytest -m "not gpu"`` in the reference environment (pip: honours local wheels and caps)."""
+    """``pytest -m "not gpu"`` in the reference environment (the first cell of matrices/cells.toml)."""
     _reference_install(session)
     session.run("pytest", "-m", "not gpu", *session.posargs)
 
@@ -261,7 +261,7 @@ def compat(session: nox.Session, cell: str) -> None:
         session.error(f"cell {spec.id} failed (see {out.relative_to(ROOT)})")
 
 
-@nox.session(python=REFERENCE.python)
+@nox.session(python=REFERENCE.python, venv_backend="uv|virtualenv")
 def gpu_benchmarks(session: nox.Session) -> None:
     """``pytest -m gpu --benchmark-json``; skips without CUDA unless ``EARTHMIND_GPU_ON_CPU=1``.
 
