@@ -55,9 +55,9 @@ class CrossModalGate(nn.Module):
         width: Token width (the language model's hidden size).
         num_queries: Number of query vectors (2 in the release).
 
-    Random initialisation is normal with std ``width ** -0.5``, so that initial scores are of order one and
-    the gates start unsaturated (the release initialised with std 1: at width 2048 most gates then start
-    at exactly 0 or 1 in float32). Pretrained values come from the checkpoint.
+    Random initialisation is standard normal, as in the release (``torch.randn(2, 2048)``); pretrained values
+    come from the checkpoint. At the full preset with random weights this gives gate logits with a std of
+    about 2.5, so the gates start spread over (0, 1) rather than at 0.5 or saturated.
     """
 
     def __init__(self, width: int, num_queries: int = NUM_GATE_QUERIES) -> None:
@@ -66,9 +66,9 @@ class CrossModalGate(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Draw the queries from N(0, 1 / width)."""
+        """Draw the queries from N(0, 1), as the release does."""
         with torch.no_grad():
-            self.local_query.normal_(0.0, self.local_query.shape[-1] ** -0.5)
+            self.local_query.normal_(0.0, 1.0)
 
     def scores(self, tokens: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """Gate logits of ``tokens`` against ``other``: ``sum_k sum_d q_k[d] tokens[..., d] other[..., d]``."""
