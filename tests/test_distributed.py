@@ -1,0 +1,88 @@
+"""Two processes on CPU (gloo): a DDP step gives the same gradients as one process on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from earthmind_compat.errors import ConfigurationError, UnknownNameError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+TECHNIQUE = {"internvl2_5_4b": "lora+ckpt", "granite_4_tiny": "none"}
+
+
+def _model(name: str):
+    from earthmind_compat.backbones import BACKBONE_BUILDERS
+
+    torch.manual_seed(0)
+    return BACKBONE_BUILDERS[name](preset="tiny", in_chans=3, technique=TECHNIQUE[name]).train()
+
+
+def _batch(name: str) -> torch.Tensor:
+    size = 56 if name.startswith("internvl") else 32
+    return torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _loss(features) -> torch.Tensor:
+    return sum(f.pow(2).mean() for f in features)
+
+
+def _worker(rank: int, world: int, port: int, name: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_model(name), find_unused_parameters=False)
+        shard = _batch(name).chunk(world)[rank]
+        _loss(model(shard)).backward()
+        grads = {n: p.grad.clone() for n, p in model.module.named_parameters() if p.grad is not None}
+        torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", ["internvl2_5_4b", pytest.param("granite_4_tiny", marks=pytest.mark.slow)])
+def test_ddp_two_processes_match_one_process(name, tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), name, str(tmp_path)), nprocs=2, join=True)
+    model = _model(name)
+    halves = _batch(name).chunk(2)
+    # DDP averages the gradients of the two halves: the same as the mean of the two half-batch losses
+    (0.5 * (_loss(model(halves[0])) + _loss(model(halves[1])))).backward()
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert set(got) == set(expected) and len(got) > 0
+        for n, g in got.items():
+            torch.testing.assert_close(g, expected[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_strategies_for_backbones():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from earthmind_compat.optimize.distributed import lightning_strategy
+
+    lora = _model("internvl2_5_4b")
+    ddp = lightning_strategy("ddp", lora, "gloo")
+    assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["find_unused_parameters"] is True
+    plain = _model("granite_4_tiny")
+    fsdp = lightning_strategy("fsdp", plain, "gloo")
+    assert isinstance(fsdp, FSDPStrategy)
+    assert type(plain.model.layers[0]) in fsdp.kwargs["auto_wrap_policy"]._module_classes
+    from earthmind_compat.backbones import BACKBONE_BUILDERS
+
+    quantized = BACKBONE_BUILDERS["internvl2_5_4b"](preset="tiny", quantization="nf4")
+    with pytest.raises(ConfigurationError, match="ddp"):
+        lightning_strategy("fsdp", quantized)
+    with pytest.raises(UnknownNameError, match="fsdp"):
+        lightning_strategy("fsdpp", plain)
