@@ -14,6 +14,8 @@ COMMAND_MODULES = [
     "earthmind_compat.commands.check",
     "earthmind_compat.commands.plan",
     "earthmind_compat.commands.synthetic_data",
+    "earthmind_compat.commands.benchmark",
+    "earthmind_compat.commands.optimize",
 ]
 
 #: Subcommands handed to TerraTorch's own CLI after our backbones are registered.

@@ -161,7 +161,9 @@ class TokenBackbone(nn.Module):
                 f"Input is on {x.device} but the backbone is on {weight.device}; move one of them "
                 f"(x.to('{weight.device}') or backbone.to('{x.device}'))."
             )
-        if not torch.isfinite(x).all():
+        # a finite sum proves every value finite (one cheap reduction); only a non-finite sum, which an
+        # overflow could also cause, pays for the element-wise test
+        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
             raise InputError("Input contains NaN or Inf values; fill or mask no-data pixels before the backbone.")
         return x
 
