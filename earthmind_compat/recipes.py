@@ -143,10 +143,11 @@ DECODER_RULES: dict[str, DecoderRule] = {
     ),
     "smp_FPN": DecoderRule(
         pyramid=True,
-        # smp's FPN segmentation blocks use GroupNorm(32, ...): a multiple of 32 channels.
+        # smp's FPN segmentation blocks use GroupNorm(32, ...): a multiple of 32 channels, and at least 64 so
+        # that each group keeps 2 values on the 1 x 1 coarsest map of a small tile (batch 1).
         defaults=lambda layout, width, outputs: {
             "decoder_pyramid_channels": width,
-            "decoder_segmentation_channels": 32 * max(1, width // 64),
+            "decoder_segmentation_channels": 32 * max(2, width // 64),
         },
     ),
 }

@@ -16,7 +16,7 @@ import functools
 
 import pytest
 import torch
-from hypothesis import given, note, settings
+from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 from terratorch.models import EncoderDecoderFactory
 from terratorch.registry import NECK_REGISTRY
@@ -121,8 +121,10 @@ sizes = st.lists(st.tuples(st.integers(1, 3), st.integers(16, 90), st.integers(1
 @settings(max_examples=4 * EXAMPLES)
 @given(model_configs(), sizes)
 def test_recommended_chain_gives_the_task_shape_and_channels_as_predicted(config, shapes):
-    _, task, _, _, outputs, _ = config
+    backbone, task, decoder, _, outputs, _ = config
     note(f"config={config}")
+    event(f"backbone={backbone}")
+    event(f"head={task}/{decoder}")
     model, bands = built(config)
     necks = list(model.neck) if isinstance(model.neck, torch.nn.Sequential) else []
     seen: dict[int, list[int]] = {}
@@ -256,3 +258,48 @@ def test_the_probe_catches_what_the_static_check_cannot_see():
         preset="tiny",
         probe_size=128,
     )
+
+
+# -- RecipeFactory: the YAML route that names only backbone and decoder ------------------------------------
+
+
+def test_recipe_factory_takes_model_args_like_encoder_decoder_factory():
+    from earthmind_compat.recipes import RecipeFactory
+
+    model = RecipeFactory().build_model(
+        "segmentation",
+        backbone=BACKBONES[0],
+        decoder="UNetDecoder",
+        num_classes=3,
+        backbone_preset="tiny",
+        backbone_in_chans=2,
+        backbone_padding="constant",
+        head_dropout=0.1,
+    )
+    assert model(torch.randn(2, 2, 30, 44)).output.shape == (2, 3, 30, 44)
+    assert model.padding == "constant"
+    assert [type(m).__name__ for m in model.neck] == ["TokensToGrid", "LearnedInterpolateToPyramidal"]
+    with pytest.raises(ConfigurationError, match="Did you mean 'num_classes'"):
+        RecipeFactory().build_model("segmentation", backbone=BACKBONES[0], num_clases=2, backbone_preset="tiny")
+
+
+@pytest.mark.registry
+def test_a_task_builds_through_the_registered_recipe_factory():
+    from terratorch.registry import MODEL_FACTORY_REGISTRY
+    from terratorch.tasks import SemanticSegmentationTask
+
+    if "RecipeFactory" not in MODEL_FACTORY_REGISTRY:
+        pytest.skip("RecipeFactory is not registered by earthmind_compat.registry.register_all yet")
+    task = SemanticSegmentationTask(
+        model_factory="RecipeFactory",
+        model_args={
+            "backbone": BACKBONES[0],
+            "decoder": "UperNetDecoder",
+            "num_classes": 2,
+            "backbone_preset": "tiny",
+            "backbone_in_chans": 3,
+        },
+        loss="ce",
+        ignore_index=-1,
+    )
+    assert task.model(torch.randn(2, 3, 56, 56)).output.shape == (2, 2, 56, 56)
