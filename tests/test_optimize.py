@@ -1,0 +1,140 @@
+"""The optimize API: technique parsing, the YAML route, expert quantization, load-time quantization, traps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from terratorch.models import EncoderDecoderFactory
+
+from earthmind_compat.backbones import BACKBONE_BUILDERS
+from earthmind_compat.errors import ConfigurationError, UnknownNameError
+from earthmind_compat.optimize import (
+    FAMILY_LORA_TARGETS,
+    QuantizedExperts,
+    load_quantized,
+    parse_technique,
+    quantize_experts,
+    weight_share,
+)
+from earthmind_compat.optimize.families import derived_lora_targets
+from earthmind_compat.optimize.plan import build_on_meta
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+def test_parse_technique():
+    assert parse_technique("qlora+ckpt").name == "nf4+dq+lora+ckpt"
+    assert parse_technique(None).name == "none"
+    with pytest.raises(UnknownNameError, match="nf4"):
+        parse_technique("nf5")
+    with pytest.raises(ConfigurationError, match="two quantizations"):
+        parse_technique("nf4+int8")
+    with pytest.raises(ConfigurationError, match="nf4 or fp4"):
+        parse_technique("int8+dq")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_LORA_TARGETS))
+def test_pinned_lora_targets_match_the_model(family):
+    name = next(n for n in BACKBONE_BUILDERS if BACKBONE_BUILDERS[n](preset="tiny").family == family)
+    assert set(FAMILY_LORA_TARGETS[family]) == set(derived_lora_targets(BACKBONE_BUILDERS[name](preset="tiny")))
+
+
+def test_yaml_route_through_terratorch_factory():
+    model = EncoderDecoderFactory().build_model(
+        "segmentation",
+        backbone="internvl2_5_4b",
+        backbone_preset="tiny",
+        backbone_quantization={"type": "nf4", "double_quant": True},
+        backbone_lora={"r": 4},
+        backbone_activation_checkpointing=True,
+        necks=[{"name": "ReshapeTokensToImage", "remove_cls_token": True}, {"name": "LearnedInterpolateToPyramidal"}],
+        decoder="UperNetDecoder",
+        decoder_channels=16,
+        num_classes=2,
+    )
+    assert model.encoder.optimized.technique == "nf4+dq+lora+ckpt"
+    model(torch.randn(2, 3, 56, 56)).output.mean().backward()
+    lora = [p for n, p in model.encoder.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None for p in lora)
+
+
+def test_bad_options_raise_clear_errors():
+    with pytest.raises(ConfigurationError, match="Did you mean 'quantization'"):
+        BACKBONE_BUILDERS["internvl2_5_4b"](preset="tiny", quantisation="nf4")
+    with pytest.raises(ConfigurationError, match="'rank'.*Valid keys: r,"):
+        BACKBONE_BUILDERS["internvl2_5_4b"](preset="tiny", lora={"rank": 4})
+    with pytest.raises(ConfigurationError, match="not both"):
+        BACKBONE_BUILDERS["internvl2_5_4b"](preset="tiny", technique="nf4", lora=True)
+
+
+def test_terratorch_peft_config_works_with_our_quantization():
+    model = EncoderDecoderFactory().build_model(
+        "segmentation",
+        backbone="internvl2_5_4b",
+        backbone_preset="tiny",
+        backbone_quantization="nf4",
+        peft_config={"method": "LORA", "peft_config_kwargs": {"target_modules": ["q_proj", "v_proj"], "r": 4}},
+        necks=[{"name": "ReshapeTokensToImage", "remove_cls_token": True}, {"name": "LearnedInterpolateToPyramidal"}],
+        decoder="UperNetDecoder",
+        decoder_channels=16,
+        num_classes=2,
+    )
+    model(torch.randn(2, 3, 56, 56)).output.mean().backward()
+    assert any("lora_A.default" in n for n, _ in model.encoder.named_parameters())
+
+
+def test_split_experts_equal_fused_experts_exactly():
+    torch.manual_seed(0)
+    backbone = BACKBONE_BUILDERS["granite_4_tiny"](preset="tiny").eval()
+    fused = backbone.model.layers[0].block_sparse_moe
+    x = torch.randn(1, 20, 32)
+    with torch.no_grad():
+        expected = fused(x)
+        quantize_experts(backbone, None)
+        assert isinstance(fused.experts, QuantizedExperts)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_granite_expert_quantization_share():
+    backbone = BACKBONE_BUILDERS["granite_4_tiny"](preset="tiny", quantization={"type": "nf4", "experts": False})
+    before = weight_share(backbone)
+    quantize_experts(backbone, "nf4")
+    after = weight_share(backbone)
+    assert after["4bit"] > before["4bit"] and after["total"] == before["total"]
+    # full preset on the meta device: experts are most of the parameters
+    full = build_on_meta("granite_4_tiny", "full")
+    experts = sum(p.numel() for n, p in full.named_parameters() if ".experts." in n)
+    linear = sum(m.weight.numel() for m in full.modules() if type(m) is torch.nn.Linear)
+    total = sum(p.numel() for p in full.parameters())
+    assert linear / total < 0.2  # bitsandbytes alone: most weights stay full precision
+    assert (linear + experts) / total > 0.95
+
+
+def test_load_time_quantization_from_a_saved_tiny_checkpoint(tiny_granite_dir):
+    from transformers import GraniteMoeHybridModel
+
+    directory, _ = tiny_granite_dir
+    model = load_quantized(GraniteMoeHybridModel, directory, "nf4")
+    share = weight_share(model)
+    assert share["4bit"] > 0
+    quantize_experts(model, "nf4")
+    assert weight_share(model)["4bit"] > share["4bit"]
+
+
+def test_cpu_repacking_trap_is_avoided(monkeypatch):
+    """bitsandbytes repacks 4-bit weights on AVX512-BF16 CPUs in eval/no-grad and asserts out % 32 == 0."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    from earthmind_compat.optimize.quantize import quantize_linear
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)  # behave as on such a CPU
+    layer = quantize_linear(torch.nn.Linear(64, 48), "nf4")  # 48 % 32 != 0
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        layer.eval()(x)
+    layer.train()
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad is not None and math.isfinite(float(x.grad.sum()))
