@@ -61,9 +61,7 @@ def tiny_facts(backbone: str) -> tuple[int, frozenset[str]]:
 
 
 @st.composite
-def model_configs(draw):
-    backbone = draw(st.sampled_from(BACKBONES))
-    task, decoder = draw(st.sampled_from(TASK_DECODERS))
+def model_configs(draw, backbone: str, task: str, decoder: str):
     depth, arguments = tiny_facts(backbone)
     bands = draw(st.integers(1, 13))
     kwargs: dict = {"preset": "tiny", "in_chans": bands}
@@ -118,13 +116,15 @@ def expected_shape(task: str, batch: int, outputs: int, height: int, width: int)
 sizes = st.lists(st.tuples(st.integers(1, 3), st.integers(16, 90), st.integers(16, 90)), min_size=2, max_size=4)
 
 
-@settings(max_examples=4 * EXAMPLES)
-@given(model_configs(), sizes)
-def test_recommended_chain_gives_the_task_shape_and_channels_as_predicted(config, shapes):
-    backbone, task, decoder, _, outputs, _ = config
-    note(f"config={config}")
-    event(f"backbone={backbone}")
-    event(f"head={task}/{decoder}")
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize(("task", "decoder"), TASK_DECODERS, ids=lambda v: str(v))
+@settings(max_examples=max(3, EXAMPLES // 5))
+@given(data=st.data())
+def test_recommended_chain_gives_the_task_shape_and_channels_as_predicted(backbone, task, decoder, data):
+    config = data.draw(model_configs(backbone, task, decoder), label="config")
+    shapes = data.draw(sizes, label="batch, height, width")
+    outputs = config[4]
+    event(f"out_indices={dict(config[3]).get('out_indices')}")
     model, bands = built(config)
     necks = list(model.neck) if isinstance(model.neck, torch.nn.Sequential) else []
     seen: dict[int, list[int]] = {}
