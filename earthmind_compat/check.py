@@ -232,3 +232,33 @@ def write_json(rows: Sequence[Row], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report(rows), indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _optimized_step(backbone: str, technique: str) -> str:
+    """Build with ``technique`` through the registry, run one training step, check gradients reach the adapters."""
+    from terratorch.registry import BACKBONE_REGISTRY
+
+    model = BACKBONE_REGISTRY.build(backbone, preset="tiny", in_chans=TINY_BANDS, technique=technique).train()
+    features = model(tiny_input(backbone))
+    sum(f.float().pow(2).mean() for f in features).backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    expect(any(p.grad is not None for p in trained), "no trainable parameter received a gradient")
+    return f"{model.optimized.technique}: {model.optimized.trainable_parameters} trainable"
+
+
+@feature("int8")
+def check_int8(backbone: str) -> str:
+    """Int8 weights (bitsandbytes), one training step."""
+    return _optimized_step(backbone, "int8")
+
+
+@feature("nf4")
+def check_nf4(backbone: str) -> str:
+    """Nf4 weights (bitsandbytes, experts too), one training step."""
+    return _optimized_step(backbone, "nf4")
+
+
+@feature("qlora")
+def check_qlora(backbone: str) -> str:
+    """QLoRA (nf4 + dq + LoRA) with activation checkpointing, one training step."""
+    return _optimized_step(backbone, "qlora+ckpt")

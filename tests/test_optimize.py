@@ -63,7 +63,7 @@ def test_yaml_route_through_terratorch_factory():
 def test_bad_options_raise_clear_errors():
     with pytest.raises(ConfigurationError, match="Did you mean 'quantization'"):
         BACKBONE_BUILDERS["internvl2_5_4b"](preset="tiny", quantisation="nf4")
-    with pytest.raises(ConfigurationError, match="'rank'.*Valid keys: r,"):
+    with pytest.raises(ConfigurationError, match=r"'rank'.*Valid keys: r,"):
         BACKBONE_BUILDERS["internvl2_5_4b"](preset="tiny", lora={"rank": 4})
     with pytest.raises(ConfigurationError, match="not both"):
         BACKBONE_BUILDERS["internvl2_5_4b"](preset="tiny", technique="nf4", lora=True)
