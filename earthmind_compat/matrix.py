@@ -619,28 +619,29 @@ def render_table(cells: Sequence[Cell], results: Mapping[str, Mapping[str, Any]]
         "`nox -s \"compat(cell='<id>')\"`, then `nox -s render`. Columns are test layers (pytest markers, "
         "`passed/run`) and `earthmind-compat check` rows (backbone x feature)."
     )
-    failures = [
-        (cell.id, item) for cell in cells for item in (results.get(cell.id) or {}).get("tests", {}).get("failures", [])
-    ]
-    failed_rows = [
-        (cell.id, row)
-        for cell in cells
-        for row in (results.get(cell.id) or {}).get("check", {}).get("rows", [])
-        if row["status"] == "fail"
-    ]
-    if notes or failures or failed_rows:
+    if notes:
         lines.append("")
-        lines.append("Notes and failures:")
+        lines.append("Notes:")
         lines.append("")
         lines.extend(f"- `{cid}`: {_escape_md(note)}" for cid, note in notes)
-        lines.extend(
-            f"- `{cid}` check `{row['backbone']}` x `{row['feature']}`: {_escape_md(row['detail'])}"
-            for cid, row in failed_rows
+    for cell in cells:
+        result = results.get(cell.id) or {}
+        failed_rows = [row for row in result.get("check", {}).get("rows", []) if row["status"] == "fail"]
+        failures = result.get("tests", {}).get("failures", [])
+        if not failed_rows and not failures:
+            continue
+        lines.append("")
+        lines.append(
+            f"<details><summary><code>{cell.id}</code>: {len(failures)} failed tests, "
+            f"{len(failed_rows)} failed check rows</summary>"
         )
+        lines.append("")
         lines.extend(
-            f"- `{cid}` test `{item['test']}` ({item['layer']}): {_escape_md(item['message'])}"
-            for cid, item in failures
+            f"- check `{row['backbone']}` x `{row['feature']}`: {_escape_md(row['detail'])}" for row in failed_rows
         )
+        lines.extend(f"- `{item['test']}` ({item['layer']}): {_escape_md(item['message'])}" for item in failures)
+        lines.append("")
+        lines.append("</details>")
     return "\n".join(lines) + "\n"
 
 
