@@ -86,3 +86,12 @@ def require_native_model_classes() -> None:
             "native classes (never remote code), which first shipped in 4.52.1. Run: "
             "pip install 'transformers>=4.52.1'"
         )
+
+
+def first_tensor(output: object) -> object:
+    """The hidden states of a transformers sub-module's output, across versions.
+
+    transformers 4.x returns tuples from vision embeddings (``(embeddings, (rows, cols))``) and decoder
+    layers (``(hidden_states, ...)``); 5.x returns the tensor alone.
+    """
+    return output[0] if isinstance(output, (tuple, list)) else output

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from terratorch.registry import NECK_REGISTRY, TERRATORCH_BACKBONE_REGISTRY
+from terratorch.registry import MODEL_FACTORY_REGISTRY, NECK_REGISTRY, TERRATORCH_BACKBONE_REGISTRY
 
 from earthmind_compat.backbones import BACKBONE_BUILDERS
 from earthmind_compat.errors import RegistryConflictError, unknown_name
@@ -40,7 +40,7 @@ def _neck_store() -> dict:
 
 
 def register_all() -> None:
-    """Register every backbone and neck of earthmind-compat in TerraTorch (idempotent)."""
+    """Register every backbone, neck and model factory of earthmind-compat in TerraTorch (idempotent)."""
     from earthmind_compat.necks import NECKS
 
     backbone_store = TERRATORCH_BACKBONE_REGISTRY._registry
@@ -49,6 +49,10 @@ def register_all() -> None:
     neck_registry = NECK_REGISTRY["terratorch"]
     for neck in NECKS:
         _register(neck_registry, _neck_store(), neck, "neck")
+    from earthmind_compat.recipes import MODEL_FACTORIES
+
+    for factory in MODEL_FACTORIES:
+        _register(MODEL_FACTORY_REGISTRY, MODEL_FACTORY_REGISTRY._registry, factory, "model factory")
 
 
 def registered_backbones() -> list[str]:

@@ -29,9 +29,23 @@ def test_readme_python_examples_run():
 
 @pytest.mark.registry
 def test_readme_yaml_is_the_example_config():
-    (snippet,) = code_blocks("yaml")
+    full_configs = [yaml.safe_load(block) for block in code_blocks("yaml") if block.startswith("model:")]
+    assert len(full_configs) == 1
     config = yaml.safe_load((ROOT / "examples" / "segmentation.yaml").read_text())
-    assert yaml.safe_load(snippet)["model"] == config["model"]
+    assert full_configs[0]["model"] == config["model"]
+
+
+@pytest.mark.registry
+def test_readme_technique_snippet_builds_a_quantized_lora_backbone():
+    from terratorch.registry import BACKBONE_REGISTRY
+
+    (snippet,) = [block for block in code_blocks("yaml") if "backbone_quantization" in block]
+    model_args = yaml.safe_load(snippet)
+    name = model_args.pop("backbone")
+    kwargs = {key.removeprefix("backbone_"): value for key, value in model_args.items()}
+    backbone = BACKBONE_REGISTRY.build(name, preset="tiny", **kwargs)
+    assert backbone.optimized.quantized_layers and backbone.optimized.lora_targets
+    assert backbone.optimized.checkpointing
 
 
 @pytest.mark.registry

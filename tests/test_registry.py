@@ -213,3 +213,5 @@ def test_extra_bands_reuse_rgb_kernels(tiny_internvl_vision_dir):
     assert torch.allclose(kernel[:, 3], rgb.mean(1) * scale)
     same = BACKBONE_REGISTRY.build("internvl2_5_4b", weights=str(directory), bands=["RED", "GREEN", "BLUE"])
     assert torch.equal(same.model.embeddings.patch_embeddings.projection.weight, rgb)
+    bgr = BACKBONE_REGISTRY.build("internvl2_5_4b", weights=str(directory), bands=["BLUE", "GREEN", "RED"])
+    assert torch.equal(bgr.model.embeddings.patch_embeddings.projection.weight, rgb.flip(1))

@@ -44,6 +44,7 @@ from earthmind_compat.backbones.internvl import (
 )
 from earthmind_compat.backbones.modalities import ModalityLayout, resolve_modalities
 from earthmind_compat.bands import adapt_patch_weight
+from earthmind_compat.compat import first_tensor
 from earthmind_compat.errors import ConfigurationError, InputError, WeightsError
 from earthmind_compat.weights import resolve_weights_dir
 
@@ -224,9 +225,9 @@ class EarthMindBackbone(TokenBackbone):
 
     def _embed(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if name == self.layout.modalities[0].name:
-            return self.model.embeddings(x)
+            return first_tensor(self.model.embeddings(x))
         embeddings = self.model.embeddings
-        tokens = self.aux_patch_embeddings(x)
+        tokens = first_tensor(self.aux_patch_embeddings(x))
         tokens = torch.cat((embeddings.cls_token.expand(x.shape[0], -1, -1), tokens), dim=1)
         tokens = tokens + embeddings.interpolate_pos_encoding(tokens, x.shape[-2], x.shape[-1])
         return embeddings.dropout(tokens)
@@ -256,8 +257,7 @@ class EarthMindBackbone(TokenBackbone):
             last = max(last, self.projector_layer)
         collected: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.model.encoder.layer[: last + 1]):
-            output = layer(hidden)
-            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = first_tensor(layer(hidden))
             if index in self.out_indices or index == self.projector_layer:
                 collected[index] = hidden
         layers = {

@@ -24,6 +24,7 @@ from earthmind_compat.backbones.base import (
     resolve_out_indices,
 )
 from earthmind_compat.bands import resolve_bands
+from earthmind_compat.compat import first_tensor
 from earthmind_compat.errors import WeightsError
 from earthmind_compat.weights import read_config, refuse_remote_code, resolve_weights_dir
 
@@ -216,7 +217,9 @@ class GraniteBackbone(TokenBackbone):
         wanted = set(self.out_indices)
         collected: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.model.layers[: max(wanted) + 1]):
-            if self.bidirectional_mamba and layer_types[index] == "mamba":
+            if layer_types[index] == "attention":
+                hidden = _run_layer(layer, hidden, is_causal=False)
+            elif self.bidirectional_mamba:
                 forward_pass = _run_layer(layer, hidden)
                 backward_pass = _run_layer(layer, hidden.flip(1)).flip(1)
                 hidden = 0.5 * (forward_pass + backward_pass)
@@ -227,9 +230,10 @@ class GraniteBackbone(TokenBackbone):
         return [collected[i] for i in self.out_indices]
 
 
-def _run_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    output = layer(hidden, attention_mask=None, position_embeddings=None)
-    return output[0] if isinstance(output, tuple) else output
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    # is_causal=False reaches the attention function as a keyword in transformers 4.x and 5.x alike (4.x's
+    # SDPA path ignores the module's own is_causal flag, which is also switched off for 5.x and eager)
+    return first_tensor(layer(hidden, attention_mask=None, position_embeddings=None, **kwargs))
 
 
 def count_parameters(module: nn.Module) -> int:

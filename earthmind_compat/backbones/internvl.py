@@ -17,6 +17,7 @@ from earthmind_compat.backbones.base import (
     resolve_out_indices,
 )
 from earthmind_compat.bands import adapt_patch_weight, resolve_bands
+from earthmind_compat.compat import first_tensor
 from earthmind_compat.errors import InputError, WeightsError
 from earthmind_compat.weights import find_prefix, load_tensors, read_config, refuse_remote_code, resolve_weights_dir
 
@@ -217,7 +218,9 @@ class InternVLBackbone(TokenBackbone):
         prefix = find_prefix(directory, ("model.vision_tower.", "vision_tower.", ""), "embeddings.", allow_pickle)
         tower = load_tensors(directory, (prefix,), allow_pickle)
         patch_key = "embeddings.patch_embeddings.projection.weight"
-        if patch_key in tower and tower[patch_key].shape[1] != self.in_chans:
+        rgb_kernel = patch_key in tower and tower[patch_key].shape[1] == 3
+        if rgb_kernel and (self.in_chans != 3 or self.bands is not None):
+            # named bands are mapped by name even when there are three of them (BLUE, GREEN, RED -> reordered)
             tower[patch_key] = adapt_patch_weight(tower[patch_key], self.in_chans, self.bands)
         load_strict(self.model, tower, directory, "vision tower")
         if self.projector is not None:
@@ -246,12 +249,11 @@ class InternVLBackbone(TokenBackbone):
                 f"with_projector needs an even token grid, got {rows}x{cols} patches for a "
                 f"{x.shape[-2]}x{x.shape[-1]} image; use sides that are multiples of {2 * self.patch_size} px."
             )
-        hidden = self.model.embeddings(x)
+        hidden = first_tensor(self.model.embeddings(x))
         features = []
         last = max(self.out_indices) if self.projector is None else self.vision_config.num_hidden_layers - 1
         for index, layer in enumerate(self.model.encoder.layer[: last + 1]):
-            output = layer(hidden)
-            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = first_tensor(layer(hidden))
             if index in self.out_indices:
                 features.append(hidden if self.keep_cls_token else hidden[:, 1:])
         order = sorted(self.out_indices)
