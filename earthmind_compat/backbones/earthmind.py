@@ -224,6 +224,7 @@ class EarthMindBackbone(TokenBackbone):
         return self.layout.split(x)
 
     def _embed(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.model.embeddings.patch_embeddings.projection.weight.dtype)  # transformers 4.x does not cast
         if name == self.layout.modalities[0].name:
             return first_tensor(self.model.embeddings(x))
         embeddings = self.model.embeddings

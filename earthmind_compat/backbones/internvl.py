@@ -249,6 +249,7 @@ class InternVLBackbone(TokenBackbone):
                 f"with_projector needs an even token grid, got {rows}x{cols} patches for a "
                 f"{x.shape[-2]}x{x.shape[-1]} image; use sides that are multiples of {2 * self.patch_size} px."
             )
+        x = x.to(self.model.embeddings.patch_embeddings.projection.weight.dtype)  # transformers 4.x does not cast
         hidden = first_tensor(self.model.embeddings(x))
         features = []
         last = max(self.out_indices) if self.projector is None else self.vision_config.num_hidden_layers - 1
