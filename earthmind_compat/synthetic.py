@@ -7,6 +7,7 @@ forest looks against canopy. The task is learnable, so a short training run move
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,39 +51,7 @@ def write_segmentation_dataset(
     Returns:
         ``root`` as a :class:`~pathlib.Path`.
     """
-    import rasterio
-    from rasterio.transform import from_origin
-
-    root = Path(root)
-    splits = splits or {"train": 8, "val": 4, "test": 4, "predict": 2}
-    rng = np.random.default_rng(seed)
-    for split, count in splits.items():
-        (root / split / "images").mkdir(parents=True, exist_ok=True)
-        if split != "predict":
-            (root / split / "labels").mkdir(parents=True, exist_ok=True)
-        for index in range(count):
-            image, mask = _scene(rng, size)
-            origin_x = 400000.0 + index * size * PIXEL_SIZE
-            transform = from_origin(origin_x, 5500000.0, PIXEL_SIZE, PIXEL_SIZE)
-            profile = {
-                "driver": "GTiff",
-                "width": size,
-                "height": size,
-                "crs": SYNTHETIC_CRS,
-                "transform": transform,
-            }
-            stem = f"{split}_{index:03d}"
-            with rasterio.open(
-                root / split / "images" / f"{stem}_img.tif", "w", count=image.shape[0], dtype="float32", **profile
-            ) as dst:
-                dst.write(image)
-                dst.descriptions = SYNTHETIC_BANDS
-            if split != "predict":
-                with rasterio.open(
-                    root / split / "labels" / f"{stem}_mask.tif", "w", count=1, dtype="uint8", **profile
-                ) as dst:
-                    dst.write(mask[None])
-    return root
+    return _write_segmentation_splits(root, splits, size, seed, _scene, SYNTHETIC_BANDS)
 
 
 # -- forest disturbance: bi-temporal scenes ------------------------------------------------------------------
@@ -154,12 +123,47 @@ def _profile(size: int, index: int) -> dict:
     }
 
 
-def _write_image(path: Path, image: np.ndarray, profile: dict) -> None:
+def _write_image(path: Path, image: np.ndarray, profile: dict, bands: tuple[str, ...] = DISTURBANCE_BANDS) -> None:
     import rasterio
 
     with rasterio.open(path, "w", count=image.shape[0], dtype="float32", **profile) as dst:
         dst.write(image)
-        dst.descriptions = DISTURBANCE_BANDS
+        dst.descriptions = bands
+
+
+def _write_segmentation_splits(
+    root: str | Path,
+    splits: dict[str, int] | None,
+    size: int,
+    seed: int,
+    make_scene: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
+    bands: tuple[str, ...],
+) -> Path:
+    """Write ``root/<split>/images/<split>_<i>_img.tif`` and ``labels/<split>_<i>_mask.tif`` per split.
+
+    ``make_scene(rng, size)`` returns ``(image [bands, size, size], mask [size, size])``; the ``predict``
+    split gets images only. Default splits: train 8, val 4, test 4, predict 2.
+    """
+    import rasterio
+
+    root = Path(root)
+    splits = splits or {"train": 8, "val": 4, "test": 4, "predict": 2}
+    rng = np.random.default_rng(seed)
+    for split, count in splits.items():
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        if split != "predict":
+            (root / split / "labels").mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            image, mask = make_scene(rng, size)
+            profile = _profile(size, index)
+            stem = f"{split}_{index:03d}"
+            _write_image(root / split / "images" / f"{stem}_img.tif", image, profile, bands)
+            if split != "predict":
+                with rasterio.open(
+                    root / split / "labels" / f"{stem}_mask.tif", "w", count=1, dtype="uint8", **profile
+                ) as dst:
+                    dst.write(mask[None])
+    return root
 
 
 def write_disturbance_dataset(
@@ -179,26 +183,7 @@ def write_disturbance_dataset(
     Returns:
         ``root`` as a :class:`~pathlib.Path`.
     """
-    import rasterio
-
-    root = Path(root)
-    splits = splits or {"train": 8, "val": 4, "test": 4, "predict": 2}
-    rng = np.random.default_rng(seed)
-    for split, count in splits.items():
-        (root / split / "images").mkdir(parents=True, exist_ok=True)
-        if split != "predict":
-            (root / split / "labels").mkdir(parents=True, exist_ok=True)
-        for index in range(count):
-            image, label = disturbance_scene(rng, size)
-            profile = _profile(size, index)
-            stem = f"{split}_{index:03d}"
-            _write_image(root / split / "images" / f"{stem}_img.tif", image, profile)
-            if split != "predict":
-                with rasterio.open(
-                    root / split / "labels" / f"{stem}_mask.tif", "w", count=1, dtype="uint8", **profile
-                ) as dst:
-                    dst.write(label[None])
-    return root
+    return _write_segmentation_splits(root, splits, size, seed, disturbance_scene, DISTURBANCE_BANDS)
 
 
 def write_disturbance_classification_dataset(
