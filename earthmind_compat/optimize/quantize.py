@@ -7,7 +7,9 @@ bitsandbytes does not see are handled by :mod:`earthmind_compat.optimize.experts
 CPU note: on CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time the layer
 runs in eval mode without gradients, asserting ``out_features % 32 == 0``; the repacked layout then breaks
 training the same layer. Layers quantized here have that repacking switched off, so every CPU takes the
-same (portable) code path and a model can alternate between evaluation and training.
+same (portable) code path and a model can alternate between evaluation and training. On CPUs whose
+AVX-512 kernel dequantizes rows that split 4-bit blocks wrongly, such layers get a correct forward pass
+(:mod:`earthmind_compat.optimize.bnb_cpu`).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def load_quantized(
         :func:`earthmind_compat.optimize.experts.quantize_experts` for them.
     """
     config = bnb_config(quantization, double_quant, compute_dtype, kwargs.pop("skip_modules", None))
-    return model_class.from_pretrained(
+    model = model_class.from_pretrained(
         str(directory),
         quantization_config=config,
         device_map=device_map,
@@ -106,6 +108,11 @@ def load_quantized(
         trust_remote_code=False,
         **kwargs,
     )
+    if quantization != "int8":
+        from earthmind_compat.optimize.bnb_cpu import repair_partial_block_layers
+
+        repair_partial_block_layers(model)  # see earthmind_compat.optimize.bnb_cpu
+    return model
 
 
 def quantize_linear(
@@ -159,6 +166,9 @@ def quantize_linear(
         layer.quant_state = layer.weight.quant_state
         # See the module docstring: no in-place CPU repacking (out_features % 32 assert, breaks training).
         layer.support_avx512bf16_for_cpu = False
+        from earthmind_compat.optimize.bnb_cpu import repair_layer
+
+        repair_layer(layer)  # rows that split 4-bit blocks on a CPU whose kernel gets them wrong
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
     layer.train(linear.training)
