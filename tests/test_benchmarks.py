@@ -110,3 +110,20 @@ def test_gpu_speed_and_memory(benchmark, backbone, technique, device):
     assert torch.isfinite(benchmark.pedantic(synchronised, rounds=3, iterations=1, warmup_rounds=1))
     assert result.weight_bytes > 0 and result.median_seconds > 0
     assert (result.cuda_peak_bytes is not None) == on_cuda
+
+
+def test_int8_cast_notice_is_silenced_and_nothing_else(caplog):
+    """bitsandbytes 0.50 logs a notice on every int8 matmul; a benchmark sweep would print it thousands of times."""
+    import logging
+
+    from earthmind_compat.bench.measure import quiet_bitsandbytes
+
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    notice = "MatMul8bitLt: inputs will be cast from %s to float16 during quantization"
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(notice, torch.float32)
+        assert len(caplog.records) == 1  # it is logged (so the filter below is what removes it)
+        quiet_bitsandbytes()
+        logger.warning(notice, torch.float32)
+        logger.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records][1:] == ["some other bitsandbytes warning"]

@@ -52,3 +52,35 @@ def test_table_lists_every_row():
     rows = [Row("a", "forward", "pass", "ok", 0.1), Row("b", "segmentation", "fail", "Boom", 1.0)]
     table = format_table(rows).splitlines()
     assert len(table) == 4 and "FAIL" in table[3] and "Boom" in table[3]
+
+
+@pytest.mark.benchmark
+def test_benchmark_writes_table_json_and_png(tmp_path, capsys):
+    argv = ["benchmark", "--backbones", "internvl2_5_4b", "--techniques", "none", "nf4", "--rounds", "1"]
+    assert main([*argv, "--device", "cpu", "--output", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    document = json.loads((tmp_path / "benchmark.json").read_text())
+    cells = {(r["backbone"], r["technique"], r["mode"]) for r in document["results"]}
+    assert cells == {("internvl2_5_4b", t, m) for t in ("none", "nf4") for m in ("forward", "train")}
+    weights = {r["technique"]: r["weight_bytes"] for r in document["results"]}
+    assert 0 < weights["nf4"] < weights["none"]
+    assert (tmp_path / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert printed.count("internvl2_5_4b") == 4  # one table row per cell
+
+
+@pytest.mark.benchmark
+def test_optimize_reports_fidelity_per_technique(tmp_path, capsys):
+    argv = ["optimize", "--backbone", "granite_4_tiny", "--test", "none", "int8", "--rounds", "1"]
+    assert main([*argv, "--device", "cpu", "--output", str(tmp_path)]) == 0
+    fidelity = json.loads((tmp_path / "optimize.json").read_text())["fidelity"]
+    assert fidelity["none"] == pytest.approx({"worst_block_cosine": 1.0, "mean_block_rel_error": 0.0}, abs=1e-9)
+    assert 0.99 < fidelity["int8"]["worst_block_cosine"] < 1.0 and fidelity["int8"]["mean_block_rel_error"] > 0
+    assert (tmp_path / "optimize.png").is_file()
+    table = capsys.readouterr().out.split("technique  worst block cosine")[1].splitlines()
+    assert [line.split()[0] for line in table[2:4]] == ["none", "int8"]
+
+
+@pytest.mark.parametrize("command", [["benchmark", "--backbones"], ["optimize", "--backbone"]])
+def test_benchmark_commands_suggest_the_closest_backbone(command, capsys):
+    assert main([*command, "internvl25_4b"]) == 2
+    assert "Did you mean 'internvl2_5_4b'" in capsys.readouterr().err

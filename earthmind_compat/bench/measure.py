@@ -12,6 +12,7 @@ Memory is measured where it can be measured exactly:
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 import warnings
@@ -69,9 +70,23 @@ class Measurement:
         return asdict(self)
 
 
+_INT8_CAST_NOTICE = "MatMul8bitLt: inputs will be cast"
+
+
+def _not_int8_cast_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_INT8_CAST_NOTICE)
+
+
 def quiet_bitsandbytes() -> None:
-    """Silence bitsandbytes' per-call notice that int8 matmuls cast float32 inputs to float16."""
-    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast", category=UserWarning)
+    """Silence bitsandbytes' per-call notice that int8 matmuls cast float32 inputs to float16.
+
+    Older bitsandbytes releases issue it as a warning, 0.50 logs it (once per call, so a benchmark would
+    print it thousands of times); both are dropped, nothing else is.
+    """
+    warnings.filterwarnings("ignore", message=_INT8_CAST_NOTICE, category=UserWarning)
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if _not_int8_cast_notice not in logger.filters:
+        logger.addFilter(_not_int8_cast_notice)
 
 
 def image_side(backbone: str, preset: str) -> int:

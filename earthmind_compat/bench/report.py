@@ -30,10 +30,15 @@ def format_table(results: Sequence[Measurement]) -> str:
         )
         for r in results
     ]
+    return align_columns(header, rows)
+
+
+def align_columns(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Plain-text table with every column as wide as its widest cell, a dashed rule under the header."""
     widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join(lines)
 
 

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     """Measure every requested technique; print the table with fidelity; write JSON and PNG."""
     from earthmind_compat.backbones import BACKBONE_BUILDERS
     from earthmind_compat.bench import BENCHMARK_TECHNIQUES
-    from earthmind_compat.bench.report import format_table, write_chart, write_json
+    from earthmind_compat.bench.report import align_columns, format_table, write_chart, write_json
     from earthmind_compat.commands.benchmark import resolve_device, sweep
     from earthmind_compat.errors import unknown_name
     from earthmind_compat.optimize import parse_technique
@@ -76,9 +76,10 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:  # reported, not hidden
             errors.append({"backbone": args.backbone, "technique": technique, "mode": "fidelity", "error": f"{exc}"})
     print(format_table(results))
-    print("\ntechnique  worst block cosine  mean block rel. error")
-    for name, q in quality.items():
-        print(f"{name:<10} {q['worst_block_cosine']:>18.5f}  {q['mean_block_rel_error']:>21.5f}")
+    fidelity_rows = [
+        (name, f"{q['worst_block_cosine']:.5f}", f"{q['mean_block_rel_error']:.5f}") for name, q in quality.items()
+    ]
+    print("\n" + align_columns(("technique", "worst block cosine", "mean block rel. error"), fidelity_rows))
     for error in errors:
         print(f"FAILED {error['technique']} {error['mode']}: {error['error']}", file=sys.stderr)
     output = Path(args.output)
