@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
             ("activations (fp32)", plan.activations),
             ("total", plan.total),
         ):
-            print(f"  {label:<20} {format_bytes(value):>12}")
+            line = f"  {label:<20} {format_bytes(value):>12}"
+            if label == "weights" and plan.weights != plan.unoptimized_weights:
+                line += f"  ({plan.weights / plan.unoptimized_weights:.3f} of {format_bytes(plan.unoptimized_weights)})"
+            print(line)
         if plan.gpu_memory is not None:
             verdict = "fits" if plan.fits else "does NOT fit"
             print(f"  {verdict} in {format_bytes(plan.gpu_memory)}")

@@ -39,7 +39,11 @@ _NESTED_BLOCKSIZE = 256
 
 @dataclass
 class MemoryPlan:
-    """Memory estimate of one training configuration, in bytes."""
+    """Memory estimate of one training configuration, in bytes.
+
+    ``weights`` is what the technique stores (quantized codes and scales included); ``unoptimized_weights`` is
+    the same backbone in full precision, for the ratio the technique buys.
+    """
 
     backbone: str
     preset: str
@@ -48,6 +52,7 @@ class MemoryPlan:
     image_size: int
     parameters: int
     weights: int
+    unoptimized_weights: int
     gradients: int
     optimizer: int
     activations: int
@@ -316,6 +321,7 @@ def plan_memory(
     device_memory = parse_size(gpu_memory)
     model = build_on_meta(backbone, preset, in_chans)
     counts = count_weights(model, techniques, lora_r)
+    unoptimized = count_weights(model, parse_technique("none"))["weights"]
     gradients = 4 * counts["trainable"]
     optimizer_bytes = OPTIMIZER_STATE_BYTES[optimizer] * counts["trainable"]
     activations = estimate_activations(model, techniques, batch_size, image_size)
@@ -328,6 +334,7 @@ def plan_memory(
         image_size,
         counts["parameters"],
         counts["weights"],
+        unoptimized,
         gradients,
         optimizer_bytes,
         activations,
