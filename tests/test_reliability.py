@@ -82,7 +82,7 @@ INPUT_CASES = [
     Case("nan-pixels", _forward("internvl", lambda: torch.full((1, 4, 56, 56), float("nan"))), InputError, "no-data"),
     Case("inf-pixels", _forward("granite", lambda: torch.full((1, 4, 64, 64), float("inf"))), InputError, "no-data"),
     Case(
-        "uint16-reflectance",
+        "integer-reflectance",
         _forward("internvl", lambda: torch.randint(0, 10000, (1, 4, 56, 56), dtype=torch.int32)),
         InputError,
         "normalise",
@@ -280,7 +280,54 @@ WEIGHT_CASES = [
     ),
 ]
 
-CATALOGUE = INPUT_CASES + BUILD_CASES + WEIGHT_CASES
+
+# -- memory techniques -----------------------------------------------------------------------------------
+def _lora_twice(env: dict) -> None:
+    from earthmind_compat.optimize import apply
+
+    apply(internvl(lora=True), "lora")
+
+
+def _quantize_on_meta(env: dict) -> None:
+    from earthmind_compat.optimize import quantize_linears
+    from earthmind_compat.optimize.plan import build_on_meta
+
+    quantize_linears(build_on_meta("internvl2_5_4b", "tiny"), "nf4")
+
+
+def _experts_from_a_dense_layer(env: dict) -> None:
+    from earthmind_compat.optimize import QuantizedExperts
+
+    QuantizedExperts(torch.nn.Linear(4, 4), "nf4")
+
+
+TECHNIQUE_CASES = [
+    Case("unknown-quantization", lambda env: internvl(quantization="nf5"), UnknownNameError, "Did you mean 'nf4'"),
+    Case("unknown-technique", lambda env: granite(technique="qlora+chkpt"), UnknownNameError, "Did you mean 'ckpt'"),
+    Case("two-quantizations", lambda env: internvl(technique="int8+nf4"), ConfigurationError, "keep one"),
+    Case("dq-without-4bit", lambda env: internvl(technique="int8+dq"), ConfigurationError, "nf4+dq"),
+    Case("technique-and-options", lambda env: internvl(technique="nf4", lora=True), ConfigurationError, "not both"),
+    Case(
+        "quantization-mapping-typo",
+        lambda env: granite(quantization={"type": "nf4", "double_qant": True}),
+        ConfigurationError,
+        "Did you mean 'double_quant'",
+    ),
+    Case(
+        "lora-targets-match-nothing",
+        lambda env: internvl(lora={"target_modules": ["qkv"]}),
+        ConfigurationError,
+        "None of the LoRA target modules",
+    ),
+    Case("lora-rank-zero", lambda env: granite(lora={"r": 0}), ConfigurationError, "positive integer"),
+    Case("lora-dropout-one", lambda env: internvl(lora={"dropout": 1.0}), ConfigurationError, "[0, 1)"),
+    Case("lora-added-twice", _lora_twice, ConfigurationError, "add them once"),
+    Case("checkpointing-not-bool", lambda env: granite(activation_checkpointing="yes"), ConfigurationError, "true"),
+    Case("quantize-meta-weights", _quantize_on_meta, ConfigurationError, "load or initialise the weights"),
+    Case("experts-from-a-dense-layer", _experts_from_a_dense_layer, ConfigurationError, "not a fused expert stack"),
+]
+
+CATALOGUE = INPUT_CASES + BUILD_CASES + WEIGHT_CASES + TECHNIQUE_CASES
 
 
 @pytest.fixture
