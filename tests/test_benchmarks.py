@@ -112,13 +112,14 @@ def test_gpu_speed_and_memory(benchmark, backbone, technique, device):
     assert (result.cuda_peak_bytes is not None) == on_cuda
 
 
-def test_int8_cast_notice_is_silenced_and_nothing_else(caplog):
+def test_int8_cast_notice_is_silenced_and_nothing_else(caplog, monkeypatch):
     """bitsandbytes 0.50 logs a notice on every int8 matmul; a benchmark sweep would print it thousands of times."""
     import logging
 
     from earthmind_compat.bench.measure import quiet_bitsandbytes
 
     logger = logging.getLogger("bitsandbytes.autograd._functions")
+    monkeypatch.setattr(logger, "disabled", False)  # TerraTorch 1.0's logging set-up disables existing loggers
     notice = "MatMul8bitLt: inputs will be cast from %s to float16 during quantization"
     with caplog.at_level(logging.WARNING, logger=logger.name):
         logger.warning(notice, torch.float32)
