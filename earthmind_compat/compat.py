@@ -95,3 +95,36 @@ def first_tensor(output: object) -> object:
     layers (``(hidden_states, ...)``); 5.x returns the tensor alone.
     """
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def factory_tasks() -> tuple[str, ...]:
+    """The tasks the installed TerraTorch's ``EncoderDecoderFactory`` builds.
+
+    TerraTorch 1.0 builds ``segmentation``, ``regression`` and ``classification``; ``scalar_regression``
+    arrived in 1.1.
+    """
+    from terratorch.models import encoder_decoder_factory
+
+    return tuple(encoder_decoder_factory.SUPPORTED_TASKS)
+
+
+def factory_takes_num_outputs() -> bool:
+    """Whether ``EncoderDecoderFactory.build_model`` takes ``num_outputs`` (from TerraTorch 1.1).
+
+    TerraTorch 1.0's pixel-wise regression always has one output and refuses ``num_outputs`` as an unused
+    argument.
+    """
+    import inspect
+
+    from terratorch.models import EncoderDecoderFactory
+
+    return "num_outputs" in inspect.signature(EncoderDecoderFactory.build_model).parameters
+
+
+def necks_receive_image_size() -> bool:
+    """Whether TerraTorch's models call ``neck(features, image_size=...)`` (1.1+) rather than ``neck(features)``.
+
+    Without the image size, :class:`~earthmind_compat.necks.TokensToGrid` can only place square token grids.
+    """
+    version = installed_version("terratorch")
+    return version is not None and Version(Version(version).base_version) >= Version("1.1")

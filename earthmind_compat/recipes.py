@@ -198,9 +198,32 @@ class Recipe:
 
 
 def _check_task(task: str) -> str:
+    from earthmind_compat.compat import factory_tasks, installed_version
+
     if task not in DEFAULT_DECODER:
         raise unknown_name("task", task, DEFAULT_DECODER)
+    if task not in factory_tasks():
+        raise ConfigurationError(
+            f"TerraTorch {installed_version('terratorch')} cannot build a {task} model (its EncoderDecoderFactory "
+            f"builds {', '.join(factory_tasks())}); {task} needs TerraTorch >= 1.1."
+        )
     return task
+
+
+def _output_arguments(task: str, num_classes: int | None, num_outputs: int | None) -> dict:
+    """``num_classes`` / ``num_outputs`` for the installed factory (TerraTorch 1.0 has no ``num_outputs``)."""
+    from earthmind_compat.compat import factory_takes_num_outputs, installed_version
+
+    if num_outputs is None:
+        return {"num_classes": num_classes} if task in ("segmentation", "classification") else {}
+    if factory_takes_num_outputs():
+        return {"num_outputs": num_outputs}
+    if num_outputs == 1:
+        return {}  # TerraTorch 1.0's regression head has exactly one output
+    raise ConfigurationError(
+        f"TerraTorch {installed_version('terratorch')} regresses exactly one output per pixel; num_outputs="
+        f"{num_outputs} needs TerraTorch >= 1.1."
+    )
 
 
 def recommend(
@@ -543,9 +566,7 @@ def build_model(
         chain = [dict(spec) for spec in necks]
         arguments = dict(decoder_kwargs or {})
     check_chain(layout, chain, decoder, task, arguments)
-    outputs = {"num_classes": num_classes} if task in ("segmentation", "classification") else {}
-    if num_outputs is not None:
-        outputs = {"num_outputs": num_outputs}
+    outputs = _output_arguments(task, num_classes, num_outputs)
     padding = {"padding": backbone_kwargs["padding"]} if "padding" in backbone_kwargs else {}
     try:
         model = EncoderDecoderFactory().build_model(
