@@ -12,7 +12,9 @@ Measured (bitsandbytes 0.50.2, torch 2.14.1, CPU; 20 seeds x 4 blocks) - relativ
 and 1 - cosine:
   internvl int8 7e-5 +- 1e-5       nf4 0.00856 +- 0.00082  fp4 0.01473 +- 0.00135
   granite  int8 9e-5 +- 4e-5       nf4 0.01070 +- 0.00347  fp4 0.01886 +- 0.00628
-(nf4+dq measured the same as nf4 to 4 digits.)
+(nf4+dq measured the same as nf4 to 4 digits.) Re-measured on an AVX-512 CPU (AMD EPYC, 10 seeds) with the
+flat-block repair of earthmind_compat.optimize.bnb_cpu: internvl nf4 0.1315 +- 0.0056, granite nf4 0.1469 +-
+0.0248; without the repair bitsandbytes' AVX-512 kernel gives 0.30 and 0.36, and these bounds reject it.
 """
 
 from __future__ import annotations
