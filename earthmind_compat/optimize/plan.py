@@ -5,9 +5,11 @@
   (packed 4-bit codes + absmax per 64 weights [+ nested scales with dq] + code table, or int8 + row scales).
 - Activations are traced: one block of each kind is materialised at the real width, the technique is
   applied to it, and the bytes autograd saves for the backward pass are counted (``saved_tensors_hooks``)
-  at two token counts; the per-token cost is scaled to the requested batch and image size and summed over
-  the blocks, plus the stem (input, embeddings) and one block's worth of backward workspace. With
-  checkpointing, each block keeps only its input and one block at a time is recomputed.
+  at three token counts; a per-sequence cost ``b * n + c * n**2`` is fitted (``c`` is the attention matrix
+  where the installed torch's attention keeps one, e.g. torch 2.7's CPU fallback for Granite's masked
+  attention), scaled to the requested batch and image size and summed over the blocks, plus the stem
+  (input, embeddings) and one block's worth of backward workspace. With checkpointing, each block keeps
+  only its input and one block at a time is recomputed.
 
 :func:`measure_activation_peak` measures the real peak on CPU with the PyTorch profiler's allocator events
 and is what the estimate is validated against.
@@ -206,14 +208,21 @@ def _frozen_storages(module: nn.Module) -> set[int]:
     return ptrs
 
 
-def block_bytes_per_token(
+def block_saved_bytes_growth(
     block: nn.Module,
     hidden_size: int,
     techniques: Techniques,
-    tokens: tuple[int, int],
+    tokens: int,
     lora_target_names: tuple[str, ...] = (),
-) -> float:
-    """Saved-for-backward bytes per token of one materialised block (slope between two token counts)."""
+) -> tuple[float, float]:
+    """How the saved-for-backward bytes of one materialised block grow with the sequence length ``n``.
+
+    Measured at ``n = tokens, 2 * tokens, 3 * tokens`` on one sequence and fitted exactly by
+    ``a + b * n + c * n**2``.
+
+    Returns:
+        ``(b, c)``: bytes per token and per squared token (``c`` is clamped at 0: measurement noise only).
+    """
     block = _materialise(block)
     if techniques.quantization:
         # A bitsandbytes matmul saves its input for the backward pass like a trainable nn.Linear does (a frozen
@@ -237,7 +246,7 @@ def block_bytes_per_token(
     block.train()
     exclude = _frozen_storages(block)
     counts = []
-    for n in tokens:
+    for n in (tokens, 2 * tokens, 3 * tokens):
         hidden = torch.randn(1, n, hidden_size, requires_grad=True)
 
         def run(hidden=hidden) -> None:
@@ -245,7 +254,9 @@ def block_bytes_per_token(
             (out[0] if isinstance(out, tuple) else out).sum()
 
         counts.append(saved_bytes(run, exclude | {hidden.untyped_storage().data_ptr()}))
-    return (counts[1] - counts[0]) / (tokens[1] - tokens[0])
+    first, second = counts[1] - counts[0], counts[2] - counts[1]
+    quadratic = max(0.0, (second - first) / (2 * tokens**2))
+    return (first - 3 * quadratic * tokens**2) / tokens, quadratic
 
 
 def estimate_activations(
@@ -253,7 +264,7 @@ def estimate_activations(
     techniques: Techniques,
     batch_size: int,
     image_size: int,
-    tokens: tuple[int, int] = (64, 128),
+    tokens: int = 64,
 ) -> int:
     """Estimated peak activation bytes of one training step of ``backbone`` (fp32), see the module docstring."""
     targets = tuple(lora_targets(backbone)) if techniques.lora else ()
@@ -261,23 +272,24 @@ def estimate_activations(
     hidden = int(getattr(backbone, "out_channels", [0])[0])
     chunk = int(getattr(getattr(backbone, "config", None), "mamba_chunk_size", 0) or 0)
     if chunk:
-        tokens = (chunk, 2 * chunk)
+        tokens = chunk  # whole Mamba chunks
     rows, cols = backbone.grid_size(image_size, image_size)
     n = rows * cols + int(getattr(backbone, "has_cls_token", False))
-    per_token: dict[tuple, float] = {}
-    total_per_token = 0.0
+    growth: dict[tuple, tuple[float, float]] = {}
+    per_block = []
     for block in blocks:
         kind = _block_kind(block)
-        if kind not in per_token:
-            per_token[kind] = block_bytes_per_token(block, hidden, techniques, tokens, targets)
-        total_per_token += per_token[kind]
+        if kind not in growth:
+            growth[kind] = block_saved_bytes_growth(block, hidden, techniques, tokens, targets)
+        linear, quadratic = growth[kind]
+        per_block.append(batch_size * (linear * n + quadratic * n * n))
     tokens_total = batch_size * n
-    largest = max(per_token.values()) * tokens_total
+    largest = max(per_block)
     stem = 2 * 4 * tokens_total * hidden  # embeddings (the input batch itself is not counted)
     if techniques.checkpointing:
         kept = len(blocks) * 4 * tokens_total * hidden
         return int(stem + kept + 2 * largest)
-    return int(stem + total_per_token * tokens_total + largest)
+    return int(stem + sum(per_block) + largest)
 
 
 def plan_memory(
