@@ -80,6 +80,23 @@ def derived_lora_targets(backbone: nn.Module) -> tuple[str, ...]:
     return tuple(names)
 
 
+def linear_paths(module: nn.Module, names: tuple[str, ...] | list[str]) -> list[str]:
+    """Paths inside ``module`` of the linear layers whose last path component is one of ``names``.
+
+    peft matches ``target_modules`` as path suffixes and refuses a matched module it cannot adapt. In
+    transformers 4.x Granite's routed experts are ``GraniteMoeHybridParallelExperts`` (a 3-D weight) named
+    ``input_linear`` / ``output_linear`` like the shared MLP's linear layers, so targets are handed to peft
+    as the full paths of real linear layers.
+    """
+    linear = _linear_types()
+    wanted = set(names)
+    return [
+        path
+        for path, child in module.named_modules()
+        if path and path.rsplit(".", 1)[-1] in wanted and isinstance(child, linear)
+    ]
+
+
 def lora_targets(backbone: nn.Module) -> tuple[str, ...]:
     """LoRA target module names for ``backbone``: the pinned family list, or the derived one for a new family."""
     return FAMILY_LORA_TARGETS.get(family_of(backbone)) or derived_lora_targets(backbone)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from earthmind_compat.errors import ConfigurationError
-from earthmind_compat.optimize.families import lora_targets
+from earthmind_compat.optimize.families import linear_paths, lora_targets
 
 #: Name under which the adapters are registered (distinct from peft's "default", which TerraTorch's own
 #: ``peft_config`` uses, so the two can never silently overwrite each other).
@@ -60,10 +60,9 @@ def add_lora(
             "TerraTorch's peft_config, not both)."
         )
     targets = list(target_modules) if target_modules is not None else list(lora_targets(backbone))
-    names = {path.rsplit(".", 1)[-1] for path, _ in backbone.named_modules()}
-    if not set(targets) & names:
+    if not linear_paths(backbone, targets):
         raise ConfigurationError(
-            f"None of the LoRA target modules {targets} exists in {type(backbone).__name__}; "
+            f"None of the LoRA target modules {targets} is a linear layer of {type(backbone).__name__}; "
             f"choose from the linear layers of its blocks, e.g. {sorted(lora_targets(backbone))}."
         )
     if kbit_prep:
@@ -74,9 +73,9 @@ def add_lora(
     # expects attributes (``base_model_prefix``) our backbones do not have; their children are plain modules
     # or real transformers models.
     for child in backbone.children():
-        child_names = {path.rsplit(".", 1)[-1] for path, _ in child.named_modules()}
-        if set(targets) & child_names:
-            config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets, bias="none")
+        paths = linear_paths(child, targets)
+        if paths:
+            config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=paths, bias="none")
             inject_adapter_in_model(config, child, adapter_name=ADAPTER_NAME)
     for name, param in backbone.named_parameters():
         param.requires_grad_(f"lora_A.{ADAPTER_NAME}" in name or f"lora_B.{ADAPTER_NAME}" in name)

@@ -30,7 +30,7 @@ from torch import nn
 
 from earthmind_compat.errors import ConfigurationError
 from earthmind_compat.optimize.experts import is_fused_experts, quantize_experts
-from earthmind_compat.optimize.families import find_blocks, lora_targets
+from earthmind_compat.optimize.families import find_blocks, linear_paths, lora_targets
 from earthmind_compat.optimize.quantize import BLOCKSIZE_4BIT
 from earthmind_compat.optimize.techniques import Techniques, parse_technique
 
@@ -240,7 +240,7 @@ def block_saved_bytes_growth(
     if techniques.lora:
         from peft import LoraConfig, inject_adapter_in_model
 
-        targets = [t for t in lora_target_names if any(p.endswith(t) for p, _ in block.named_modules())]
+        targets = linear_paths(block, lora_target_names)
         if targets:
             inject_adapter_in_model(LoraConfig(r=8, target_modules=targets), block)
     block.train()
