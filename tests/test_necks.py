@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -215,7 +217,11 @@ def neck_cases(draw):
         inputs = [torch.randn(batch, c, 8, 8) for c in channels]
         args = {"kernel_size": 2}
     elif name == "AggregateTokens":
-        args = {"pooling": draw(st.sampled_from(["mean", "max"])), "indices": list(range(count))}
+        args = {"pooling": draw(st.sampled_from(["mean", "max"]))}
+        if "indices" in inspect.signature(NECK_REGISTRY.find_class(name)).parameters:  # TerraTorch >= 1.2
+            args["indices"] = list(range(count))
+        else:  # TerraTorch 1.1: one feature, by ``index``
+            args["index"] = draw(st.integers(-count, count - 1))
         inputs, kind = tokens, "vectors"
     elif name == "FeaturePyramidNetworkNeck":
         args = {"out_channel": draw(st.integers(1, 16)), "output_ordered_dict": False}
