@@ -121,10 +121,15 @@ def factory_takes_num_outputs() -> bool:
     return "num_outputs" in inspect.signature(EncoderDecoderFactory.build_model).parameters
 
 
+def terratorch_at_least(version: str) -> bool:
+    """Whether the installed TerraTorch release is ``version`` or newer (local suffixes ignored)."""
+    installed = installed_version("terratorch")
+    return installed is not None and Version(Version(installed).base_version) >= Version(version)
+
+
 def necks_receive_image_size() -> bool:
     """Whether TerraTorch's models call ``neck(features, image_size=...)`` (1.1+) rather than ``neck(features)``.
 
     Without the image size, :class:`~earthmind_compat.necks.TokensToGrid` can only place square token grids.
     """
-    version = installed_version("terratorch")
-    return version is not None and Version(Version(version).base_version) >= Version("1.1")
+    return terratorch_at_least("1.1")

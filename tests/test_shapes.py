@@ -18,7 +18,6 @@ import pytest
 import torch
 from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
-from packaging.version import Version
 from terratorch.models import EncoderDecoderFactory
 from terratorch.registry import NECK_REGISTRY
 
@@ -28,6 +27,7 @@ from earthmind_compat.compat import (
     factory_tasks,
     installed_version,
     necks_receive_image_size,
+    terratorch_at_least,
 )
 from earthmind_compat.errors import ConfigurationError, UnknownNameError
 from earthmind_compat.recipes import DECODER_RULES, build_model, recommend
@@ -128,7 +128,7 @@ def expected_shape(task: str, batch: int, outputs: int, height: int, width: int)
 #: (before 1.2, which pads to 2 patches: from 17 px, see README troubleshooting). Without the image size
 #: (TerraTorch 1.0) only square token grids can be placed, so the images are square there (test_necks checks
 #: the error otherwise).
-MIN_SIDE = 16 if Version(Version(installed_version("terratorch")).base_version) >= Version("1.2") else 17
+MIN_SIDE = 16 if terratorch_at_least("1.2") else 17
 if necks_receive_image_size():
     side = st.integers(MIN_SIDE, 90)
     sizes = st.lists(st.tuples(st.integers(1, 3), side, side), min_size=2, max_size=4)
