@@ -12,11 +12,9 @@ HELP = "time and memory of each backbone x technique (table, JSON, PNG chart)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``benchmark``."""
-    from earthmind_compat.bench import BENCHMARK_TECHNIQUES
-
     parser.add_argument("--backbones", nargs="+", metavar="NAME", help="backbones (default: all)")
     parser.add_argument(
-        "--techniques", nargs="+", metavar="T", default=list(BENCHMARK_TECHNIQUES), help="technique strings"
+        "--techniques", nargs="+", metavar="T", help="technique strings (default: the benchmark sweep, none .. qlora)"
     )
     parser.add_argument("--modes", nargs="+", choices=("forward", "train"), default=["forward", "train"])
     parser.add_argument("--preset", default="tiny", help="backbone preset (default: tiny)")
@@ -58,6 +56,7 @@ def sweep(backbones, techniques, modes, preset, device, batch, rounds, desc):
 def run(args: argparse.Namespace) -> int:
     """Run the sweep, print the table, write JSON and PNG; exit code 1 if a cell failed."""
     from earthmind_compat.backbones import BACKBONE_BUILDERS
+    from earthmind_compat.bench import BENCHMARK_TECHNIQUES
     from earthmind_compat.bench.report import format_table, write_chart, write_json
     from earthmind_compat.errors import unknown_name
     from earthmind_compat.optimize import parse_technique
@@ -66,11 +65,12 @@ def run(args: argparse.Namespace) -> int:
     for name in backbones:
         if name not in BACKBONE_BUILDERS:
             raise unknown_name("backbone", name, BACKBONE_BUILDERS)
-    for technique in args.techniques:
+    techniques = args.techniques or list(BENCHMARK_TECHNIQUES)
+    for technique in techniques:
         parse_technique(technique)
     device = resolve_device(args.device)
     results, errors = sweep(
-        backbones, args.techniques, args.modes, args.preset, device, args.batch_size, args.rounds, "benchmark"
+        backbones, techniques, args.modes, args.preset, device, args.batch_size, args.rounds, "benchmark"
     )
     print(format_table(results))
     for error in errors:

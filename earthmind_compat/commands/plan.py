@@ -5,8 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 
+from earthmind_compat.errors import ConfigurationError
+from earthmind_compat.sizes import format_bytes, parse_size
+
 NAME = "plan"
 HELP = "estimate weights, gradients, optimizer state and activations of a training setup, and whether it fits"
+
+
+def memory_size(text: str) -> int:
+    """``--gpu-memory`` value -> bytes; an unreadable size is an argument error, reported before any heavy import."""
+    try:
+        size = parse_size(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    assert size is not None
+    return size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--technique", default="none", help="e.g. nf4+lora+ckpt, qlora, int8 (default: none)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per step (default: 1)")
     parser.add_argument("--image-size", type=int, default=224, help="image side in pixels (default: 224)")
-    parser.add_argument("--gpu-memory", default=None, help="device memory, e.g. 24GiB; decides 'fits'")
+    parser.add_argument(
+        "--gpu-memory", type=memory_size, default=None, help="device memory, e.g. 24GiB; decides 'fits'"
+    )
     parser.add_argument("--optimizer", default="adamw", help="adamw, adam, sgd or sgd_momentum (default: adamw)")
     parser.add_argument("--in-chans", type=int, default=3, help="input bands (default: 3)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
@@ -25,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the plan; exit code 1 when ``--gpu-memory`` is given and the plan does not fit."""
-    from earthmind_compat.optimize.plan import format_bytes, plan_memory
+    from earthmind_compat.optimize.plan import plan_memory
 
     plan = plan_memory(
         args.backbone,
