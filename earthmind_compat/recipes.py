@@ -541,6 +541,9 @@ def build_model(
         raise ConfigurationError(f"{task} needs num_classes.")
     if task in ("regression", "scalar_regression") and num_classes is not None:
         raise ConfigurationError(f"{task} takes num_outputs, not num_classes.")
+    for name, value in (("num_classes", num_classes), ("num_outputs", num_outputs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigurationError(f"{name} must be a positive integer, got {value!r}.")
     if isinstance(backbone, nn.Module):
         if backbone_kwargs:
             raise ConfigurationError(

@@ -72,24 +72,30 @@ DISTURBANCE_CLASSES = ("intact", "disturbed")
 _BARE_SHIFT = np.array([0.03, 0.04, 0.10, -0.15], dtype=np.float32)  # bare ground vs canopy, per band
 
 
-def _blobs(rng: np.random.Generator, size: int, count: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size]
-    mask = np.zeros((size, size), dtype=bool)
+def _shape(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` of a scene given as one side or as ``(height, width)``."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _blobs(rng: np.random.Generator, size: int | tuple[int, int], count: int) -> np.ndarray:
+    height, width = _shape(size)
+    yy, xx = np.mgrid[0:height, 0:width]
+    mask = np.zeros((height, width), dtype=bool)
     for _ in range(count):
-        cy, cx = rng.uniform(0, size, 2)
-        radius = rng.uniform(size / 10, size / 5)
+        cy, cx = rng.uniform(0, (height, width))
+        radius = rng.uniform(min(height, width) / 10, min(height, width) / 5)
         mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
     return mask
 
 
 def disturbance_scene(
-    rng: np.random.Generator, size: int, clearings: int | None = None
+    rng: np.random.Generator, size: int | tuple[int, int], clearings: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One bi-temporal scene: an ``[8, size, size]`` float32 image and its ``[size, size]`` uint8 label.
+    """One bi-temporal scene: an ``[8, H, W]`` float32 image and its ``[H, W]`` uint8 label.
 
     Args:
         rng: Random generator.
-        size: Side in pixels.
+        size: Side in pixels, or ``(height, width)``.
         clearings: Number of new clearings (default: 1 to 3 at random); 0 gives an intact scene.
 
     Returns:
@@ -104,20 +110,21 @@ def disturbance_scene(
     stds = np.array(SYNTHETIC_STDS, dtype=np.float32)[:, None, None] / 3
     dates = []
     for bare, gain in ((already_bare, 1.0), (already_bare | cleared, float(rng.uniform(0.85, 1.15)))):
-        image = rng.normal(means, stds, (len(SYNTHETIC_BANDS), size, size)).astype(np.float32)
+        image = rng.normal(means, stds, (len(SYNTHETIC_BANDS), *_shape(size))).astype(np.float32)
         image += _BARE_SHIFT[:, None, None] * bare[None]
         dates.append(image * gain)
     return np.concatenate(dates), cleared.astype(np.uint8)
 
 
-def _profile(size: int, index: int) -> dict:
+def _profile(size: int | tuple[int, int], index: int) -> dict:
     from rasterio.transform import from_origin
 
-    origin_x = 400000.0 + index * size * PIXEL_SIZE
+    height, width = _shape(size)
+    origin_x = 400000.0 + index * width * PIXEL_SIZE
     return {
         "driver": "GTiff",
-        "width": size,
-        "height": size,
+        "width": width,
+        "height": height,
         "crs": SYNTHETIC_CRS,
         "transform": from_origin(origin_x, 5500000.0, PIXEL_SIZE, PIXEL_SIZE),
     }
@@ -134,9 +141,9 @@ def _write_image(path: Path, image: np.ndarray, profile: dict, bands: tuple[str,
 def _write_segmentation_splits(
     root: str | Path,
     splits: dict[str, int] | None,
-    size: int,
+    size: int | tuple[int, int],
     seed: int,
-    make_scene: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
+    make_scene: Callable[[np.random.Generator, int | tuple[int, int]], tuple[np.ndarray, np.ndarray]],
     bands: tuple[str, ...],
 ) -> Path:
     """Write ``root/<split>/images/<split>_<i>_img.tif`` and ``labels/<split>_<i>_mask.tif`` per split.
@@ -167,7 +174,7 @@ def _write_segmentation_splits(
 
 
 def write_disturbance_dataset(
-    root: str | Path, splits: dict[str, int] | None = None, size: int = 56, seed: int = 0
+    root: str | Path, splits: dict[str, int] | None = None, size: int | tuple[int, int] = 56, seed: int = 0
 ) -> Path:
     """Write a bi-temporal forest-disturbance segmentation dataset of GeoTIFFs.
 
@@ -177,7 +184,7 @@ def write_disturbance_dataset(
     Args:
         root: Output directory (created).
         splits: Scenes per split (default train 8, val 4, test 4, predict 2).
-        size: Side of each scene in pixels.
+        size: Side of each scene in pixels, or ``(height, width)``.
         seed: Random seed; the same seed writes identical files.
 
     Returns:

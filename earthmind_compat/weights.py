@@ -228,3 +228,96 @@ def find_prefix(directory: Path, candidates: Iterable[str], marker: str, allow_p
         f"{directory} has no tensor named like {[c + marker + '...' for c in candidates]}; found e.g. "
         f"{sorted(keys)[:5]}. Is it a checkpoint of this model?"
     )
+
+
+def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a safetensors checkpoint, read from the file headers (no tensor is loaded).
+
+    Returns an empty dict for pickle checkpoints, whose shapes cannot be read without loading them.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118  (a safetensors handle is not a dict)
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}. Download or save it again."
+            ) from None
+    return shapes
+
+
+def check_shapes_on_meta(
+    model: torch.nn.Module,
+    directory: Path,
+    prefixes: Iterable[str] = ("",),
+    ignore: Iterable[str] = (),
+) -> None:
+    """Compare a checkpoint's tensor shapes with a model built on the meta device, before any allocation.
+
+    A ``config.json`` that lacks the model's dimensions makes transformers fall back to its defaults (often the
+    full published size), so building the model first could allocate gigabytes for a tiny checkpoint, or the
+    other way round. Checking the shapes from the safetensors headers against a meta-device model costs
+    nothing and fails in words.
+
+    Args:
+        model: The model as it would be built, on the meta device.
+        directory: The checkpoint directory.
+        prefixes: Key prefixes of the model inside the checkpoint, tried in order (the first that matches a
+            model key is stripped).
+        ignore: Model keys whose shapes may legitimately differ (e.g. a patch kernel adapted to other bands).
+
+    Raises:
+        WeightsError: if a tensor both have differs in shape, or the checkpoint has none of the model's tensors.
+    """
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    found = checkpoint_shapes(directory)
+    if not found:
+        return
+    ignore = set(ignore)
+    matched = 0
+    for key, shape in found.items():
+        name = next((key[len(p) :] for p in prefixes if key.startswith(p) and key[len(p) :] in expected), None)
+        if name is None or name in ignore:
+            continue
+        matched += 1
+        if expected[name] != shape:
+            raise WeightsError(
+                f"{directory}: tensor {key} is {list(shape)} but the model built from its config.json expects "
+                f"{list(expected[name])}. config.json does not describe these tensors (a missing dimension falls back "
+                "to the library's default size); fix config.json or pass the directory it was saved with."
+            )
+    model_layers, checkpoint_layers = (
+        _numbered_blocks(expected),
+        _numbered_blocks(next((key[len(p) :] for p in prefixes if key.startswith(p)), key) for key in found),
+    )
+    absent = sorted(model_layers - checkpoint_layers, key=lambda block: (block[0], int(block[1])))
+    if matched and absent:
+        raise WeightsError(
+            f"{directory}: the model built from its config.json has blocks the checkpoint does not hold (e.g. "
+            f"{'.'.join(absent[0])}; {len(absent)} in all). config.json does not describe these tensors (a missing "
+            "num_hidden_layers falls back to the library's default depth); fix config.json."
+        )
+    if matched == 0:
+        raise WeightsError(
+            f"{directory}: none of its {len(found)} tensors (e.g. {sorted(found)[:3]}) belongs to the model built from "
+            "its config.json; is it a checkpoint of this model?"
+        )
+
+
+def _numbered_blocks(keys: Iterable[str]) -> set[tuple[str, str]]:
+    """``(container path, index)`` of every numbered block in ``keys``.
+
+    ``encoder.layer.3.mlp.fc1.weight`` gives ``("encoder.layer", "3")``.
+    """
+    blocks = set()
+    for key in keys:
+        parts = key.split(".")
+        for position, part in enumerate(parts):
+            if part.isdigit():
+                blocks.add((".".join(parts[:position]), part))
+                break
+    return blocks

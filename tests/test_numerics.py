@@ -159,7 +159,9 @@ def test_lora_at_init_equals_base_and_differs_after_one_step(name):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     params = lora_parameters(adapted)
     assert params and all(p.requires_grad for p in params)
-    assert all(not p.requires_grad for n, p in adapted.named_parameters() if "lora_" not in n)
+    new = tuple(f"{m}." for m in adapted.new_modules)  # freshly initialised layers train under LoRA too
+    assert all(not p.requires_grad for n, p in adapted.named_parameters() if "lora_" not in n and not n.startswith(new))
+    assert all(p.requires_grad for n, p in adapted.named_parameters() if n.startswith(new))
     optimizer = torch.optim.SGD(params, lr=0.1)
     adapted.train()
     _loss(adapted(x)).backward()

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from earthmind_compat.backbones.state_match import check_state_matches
 from earthmind_compat.errors import ConfigurationError, InputError, did_you_mean, unknown_name
 
 #: Keys a TerraTorch config may hand to every backbone although they are meant for the factory or task
@@ -98,6 +99,9 @@ class TokenBackbone(nn.Module):
         in_chans: Number of input bands.
         bands: Band names, or ``None``.
         has_cls_token: Whether each returned token tensor starts with a CLS token.
+        new_modules: Submodules that are not part of the released model and start from a fresh
+            initialisation (e.g. a patch embedding in front of a language model). LoRA keeps them trainable,
+            and an adapter export includes them.
     """
 
     out_channels: list[int]
@@ -105,6 +109,7 @@ class TokenBackbone(nn.Module):
     in_chans: int
     bands: list[str] | None
     has_cls_token: bool
+    new_modules: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -113,6 +118,18 @@ class TokenBackbone(nn.Module):
         from earthmind_compat.optimize.options import wrap_constructor
 
         wrap_constructor(cls)
+
+    def __init__(self) -> None:
+        super().__init__()
+        # a checkpoint of a differently built backbone fails in one sentence, not with hundreds of keys
+        self._register_load_state_dict_pre_hook(check_state_matches, with_module=True)
+
+    def describe(self) -> str:
+        """The class and the settings a checkpoint must have been written with, for messages."""
+        applied = getattr(self, "optimized", None)
+        technique = applied.technique if applied is not None else "none"
+        preset, in_chans = getattr(self, "preset", "?"), getattr(self, "in_chans", "?")
+        return f"{type(self).__name__}(preset={preset!r}, in_chans={in_chans}, technique={technique!r})"
 
     def check_input(self, x: object) -> torch.Tensor:
         """Check an image batch before it reaches the model, raising :class:`InputError` with the fix.

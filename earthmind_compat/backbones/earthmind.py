@@ -27,6 +27,7 @@ import torch
 from transformers import InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector, InternVLVisionPatchEmbeddings
 
+from earthmind_compat.arguments import resolve_dtype
 from earthmind_compat.backbones.base import (
     TokenBackbone,
     argument_names,
@@ -98,6 +99,9 @@ class EarthMindBackbone(TokenBackbone):
             feeds its language model, laid out per position). Needs an even token grid.
         image_size: Position-embedding grid size in pixels (other input sizes are interpolated).
         allow_pickle: Read pickle checkpoints with ``weights_only=True`` when no safetensors exist.
+        dtype: dtype the backbone's weights and computation use, whatever the checkpoint stores:
+            ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``. Inputs are cast to it and features are
+            returned in the input's dtype, so necks and decoders after it keep their own.
         **kwargs: Only keys TerraTorch's factory consumes itself (``padding``, ``patch_size``).
 
     Pretrained patch kernels for other band sets: every modality starts from the released RGB kernel by the
@@ -123,11 +127,13 @@ class EarthMindBackbone(TokenBackbone):
         with_projector: bool = False,
         image_size: int | None = None,
         allow_pickle: bool = False,
+        dtype: str | torch.dtype | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__()
         reject_unknown_kwargs(type(self).__name__, kwargs, argument_names(type(self).__init__))
         settings = choose_preset("EarthMind", EARTHMIND_PRESETS, preset)
+        compute_dtype = resolve_dtype(dtype)
         self.preset = preset
         self.layout: ModalityLayout = resolve_modalities(modalities, in_chans, bands)
         self.in_chans, self.bands = self.layout.in_chans, self.layout.bands
@@ -179,6 +185,7 @@ class EarthMindBackbone(TokenBackbone):
             self.out_channels.append(self.text_hidden_size * len(self.layout.modalities))
         if checkpoint is not None:
             self._load_remote(checkpoint, remote)
+        self.to(compute_dtype)
 
     # -- weights -----------------------------------------------------------------------------------------
     def _load_remote(self, checkpoint, remote) -> None:
@@ -299,4 +306,6 @@ class EarthMindBackbone(TokenBackbone):
             ``[B, N, n_modalities * hidden]`` per layer (``1 + N`` tokens with ``keep_cls_token``), then with the
             projector ``[B, N / 4, n_modalities * text_hidden]``; N = (H / 14) * (W / 14).
         """
-        return self.features(self.forward_modalities(x))
+        first = next(iter(x.values())) if isinstance(x, Mapping) else x
+        features = self.features(self.forward_modalities(x))
+        return [feature.to(first.dtype) if isinstance(first, torch.Tensor) else feature for feature in features]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import GraniteMoeHybridConfig, GraniteMoeHybridModel
 
+from earthmind_compat.arguments import resolve_dtype
 from earthmind_compat.backbones.base import (
     TokenBackbone,
     argument_names,
@@ -26,7 +27,7 @@ from earthmind_compat.backbones.base import (
 from earthmind_compat.bands import resolve_bands
 from earthmind_compat.compat import first_tensor
 from earthmind_compat.errors import WeightsError
-from earthmind_compat.weights import read_config, refuse_remote_code, resolve_weights_dir
+from earthmind_compat.weights import check_shapes_on_meta, read_config, refuse_remote_code, resolve_weights_dir
 
 _TINY_LAYERS = ["mamba", "attention", "mamba", "attention"]
 #: Granite 4.0 H Tiny: attention at layers 5, 15, 25, 35 of 40, Mamba-2 elsewhere.
@@ -123,6 +124,9 @@ class GraniteBackbone(TokenBackbone):
         bidirectional_mamba: Also run every Mamba layer on the reversed token sequence (twice the Mamba cost).
         patch_size: Patch side in pixels (default 16).
         allow_pickle: Read pickle checkpoints with ``weights_only=True`` when no safetensors exist.
+        dtype: dtype the backbone's weights and computation use, whatever the checkpoint stores:
+            ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``. Inputs are cast to it and features are
+            returned in the input's dtype, so necks and decoders after it keep their own.
         **kwargs: Only keys TerraTorch's factory consumes itself (``padding``, ``patch_size``); anything
             else raises :class:`ConfigurationError` naming the closest valid argument.
 
@@ -133,6 +137,7 @@ class GraniteBackbone(TokenBackbone):
     """
 
     family = "granite"
+    new_modules = ("patch_embed",)
     default_hub_id = "ibm-granite/granite-4.0-h-tiny"
 
     def __init__(
@@ -146,11 +151,13 @@ class GraniteBackbone(TokenBackbone):
         bidirectional_mamba: bool = False,
         patch_size: int | None = None,
         allow_pickle: bool = False,
+        dtype: str | torch.dtype | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__()
         reject_unknown_kwargs(type(self).__name__, kwargs, argument_names(type(self).__init__))
         settings = choose_preset("Granite", GRANITE_PRESETS, preset)
+        compute_dtype = resolve_dtype(dtype)
         self.preset = preset
         self.in_chans, self.bands = resolve_bands(in_chans, bands)
         self.patch_size = int(patch_size or settings.pop("patch_size"))
@@ -173,6 +180,7 @@ class GraniteBackbone(TokenBackbone):
         self.bidirectional_mamba = bool(bidirectional_mamba)
         self.has_cls_token = False
         self.out_channels = [hidden] * len(self.out_indices)
+        self.to(compute_dtype)  # a bf16 checkpoint loads as bf16; every part follows one dtype
 
     @staticmethod
     def _from_checkpoint(weights: str, allow_pickle: bool) -> GraniteMoeHybridModel:
@@ -188,6 +196,17 @@ class GraniteBackbone(TokenBackbone):
             from earthmind_compat.weights import safetensors_files
 
             safetensors_files(directory, allow_pickle=False)  # raises the explanatory error
+        try:
+            planned_config = GraniteMoeHybridConfig.from_pretrained(str(directory))
+        except Exception as exc:  # transformers validates configs with several exception types
+            raise WeightsError(
+                f"{directory}/config.json is not a valid Granite 4.0 config ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[-1]}). Use the config.json saved with the checkpoint."
+            ) from None
+        with torch.device("meta"):
+            planned = GraniteMoeHybridModel(planned_config)
+        check_shapes_on_meta(planned, directory, prefixes=("model.", ""))  # before allocating anything
+        del planned
         return GraniteMoeHybridModel.from_pretrained(
             str(directory), use_safetensors=not allow_pickle, trust_remote_code=False
         )
@@ -227,7 +246,7 @@ class GraniteBackbone(TokenBackbone):
                 hidden = _run_layer(layer, hidden)
             if index in wanted:
                 collected[index] = hidden
-        return [collected[i] for i in self.out_indices]
+        return [collected[i].to(x.dtype) for i in self.out_indices]
 
 
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, **kwargs: object) -> torch.Tensor:

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import InternVLConfig, InternVLVisionConfig, InternVLVisionModel, Qwen2Config
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
+from earthmind_compat.arguments import resolve_dtype
 from earthmind_compat.backbones.base import (
     TokenBackbone,
     argument_names,
@@ -19,7 +20,14 @@ from earthmind_compat.backbones.base import (
 from earthmind_compat.bands import adapt_patch_weight, resolve_bands
 from earthmind_compat.compat import first_tensor
 from earthmind_compat.errors import InputError, WeightsError
-from earthmind_compat.weights import find_prefix, load_tensors, read_config, refuse_remote_code, resolve_weights_dir
+from earthmind_compat.weights import (
+    check_shapes_on_meta,
+    find_prefix,
+    load_tensors,
+    read_config,
+    refuse_remote_code,
+    resolve_weights_dir,
+)
 
 #: Vision-tower presets. ``full`` is InternViT-300M-448px-V2.5 as used by InternVL2.5-1B/2B/4B/8B;
 #: ``internvit_6b`` is InternViT-6B-448px-V2.5 of InternVL2.5-26B/38B/78B. ``text_hidden_size`` is the
@@ -69,6 +77,9 @@ INTERNVL_PRESETS: dict[str, dict] = {
         "text_hidden_size": 5120,
     },
 }
+
+#: State-dict key of the patch-embedding kernel (adapted to the input bands, so its shape may differ).
+_PATCH_KERNEL = "embeddings.patch_embeddings.projection.weight"
 
 #: Pixel-shuffle factor of InternVL2.5's projector (every 2x2 block of tokens becomes one token).
 DOWNSAMPLE_RATIO = 0.5
@@ -139,6 +150,9 @@ class InternVLBackbone(TokenBackbone):
             model width) of the last layer as an extra, final feature, without CLS token.
         image_size: Position-embedding grid size in pixels (inputs of other sizes are interpolated).
         allow_pickle: Read pickle checkpoints with ``weights_only=True`` when no safetensors exist.
+        dtype: dtype the backbone's weights and computation use, whatever the checkpoint stores:
+            ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``. Inputs are cast to it and features are
+            returned in the input's dtype, so necks and decoders after it keep their own.
         **kwargs: Only keys TerraTorch's factory consumes itself (``padding``, ``patch_size``); anything
             else raises :class:`ConfigurationError` naming the closest valid argument.
     """
@@ -158,11 +172,13 @@ class InternVLBackbone(TokenBackbone):
         with_projector: bool = False,
         image_size: int | None = None,
         allow_pickle: bool = False,
+        dtype: str | torch.dtype | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__()
         reject_unknown_kwargs(type(self).__name__, kwargs, argument_names(type(self).__init__))
         settings = choose_preset("InternVL", INTERNVL_PRESETS, preset)
+        compute_dtype = resolve_dtype(dtype)
         self.preset = preset
         self.in_chans, self.bands = resolve_bands(in_chans, bands)
         if weights is None and pretrained:
@@ -173,6 +189,12 @@ class InternVLBackbone(TokenBackbone):
             settings.update(self._settings_from_checkpoint(checkpoint))
         self.text_hidden_size = settings["text_hidden_size"]
         self.vision_config = vision_config_from_preset(settings, self.in_chans, image_size)
+        if checkpoint is not None:
+            with torch.device("meta"):
+                planned = InternVLVisionModel(self.vision_config)
+            check_shapes_on_meta(
+                planned, checkpoint, ("model.vision_tower.", "vision_tower.", ""), ignore=(_PATCH_KERNEL,)
+            )
         self.model = InternVLVisionModel(self.vision_config)
         self.projector: nn.Module | None = None
         if with_projector:
@@ -189,6 +211,7 @@ class InternVLBackbone(TokenBackbone):
         if self.projector is not None:
             self.out_channels.append(self.text_hidden_size)
         self.with_projector = with_projector
+        self.to(compute_dtype)
 
     # -- weights -----------------------------------------------------------------------------------------
     @staticmethod
@@ -217,7 +240,7 @@ class InternVLBackbone(TokenBackbone):
     def _load_checkpoint(self, directory, allow_pickle: bool) -> None:
         prefix = find_prefix(directory, ("model.vision_tower.", "vision_tower.", ""), "embeddings.", allow_pickle)
         tower = load_tensors(directory, (prefix,), allow_pickle)
-        patch_key = "embeddings.patch_embeddings.projection.weight"
+        patch_key = _PATCH_KERNEL
         rgb_kernel = patch_key in tower and tower[patch_key].shape[1] == 3
         if rgb_kernel and (self.in_chans != 3 or self.bands is not None):
             # named bands are mapped by name even when there are three of them (BLUE, GREEN, RED -> reordered)
@@ -249,6 +272,7 @@ class InternVLBackbone(TokenBackbone):
                 f"with_projector needs an even token grid, got {rows}x{cols} patches for a "
                 f"{x.shape[-2]}x{x.shape[-1]} image; use sides that are multiples of {2 * self.patch_size} px."
             )
+        input_dtype = x.dtype
         x = x.to(self.model.embeddings.patch_embeddings.projection.weight.dtype)  # transformers 4.x does not cast
         hidden = first_tensor(self.model.embeddings(x))
         features = []
@@ -263,7 +287,7 @@ class InternVLBackbone(TokenBackbone):
             grid = hidden[:, 1:].reshape(hidden.shape[0], rows, cols, -1)
             shuffled = pixel_shuffle(grid)
             features.append(self.projector(shuffled.reshape(hidden.shape[0], -1, shuffled.shape[-1])))
-        return features
+        return [feature.to(input_dtype) for feature in features]
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], directory, what: str) -> None:

@@ -169,8 +169,14 @@ def resolve_modalities(
         )
     all_named = all(m.bands is not None for m in parsed)
     union = [b for m in parsed for b in (m.bands or [])]
+    shared = sorted({b for b in union if union.count(b) > 1})
+    if shared:
+        raise ConfigurationError(
+            f"Modalities {list(modalities)} share band names {shared}; each band belongs to one sensor. Rename "
+            "them per sensor (e.g. S1_VV, S2_RED), or give a modality its band count instead of names."
+        )
     if bands is None:
-        order = union if all_named and len(set(union)) == len(union) else None
+        order = union if all_named else None
         index, start = [], 0
         for m in parsed:
             index.append(list(range(start, start + m.channels)))
@@ -187,12 +193,6 @@ def resolve_modalities(
             index.append(list(range(start, start + m.channels)))
             start += m.channels
         return ModalityLayout(parsed, total, stacked, index)
-    if len(set(union)) != len(union):
-        shared = sorted({b for b in union if union.count(b) > 1})
-        raise ConfigurationError(
-            f"Modalities share band names {shared}, so a stacked input cannot be split by name; rename them "
-            "(e.g. S1_VV) or pass a dict of modalities."
-        )
     if sorted(stacked) != sorted(union):
         raise ConfigurationError(
             f"bands {stacked} must be exactly the modalities' bands {union} (in any order): "

@@ -16,6 +16,7 @@ From a TerraTorch config, through the backbone constructor (``backbone_`` keys):
 
 from __future__ import annotations
 
+from earthmind_compat.optimize.adapters import AdapterExport, export_adapters, load_adapters, merge_lora
 from earthmind_compat.optimize.apply import Applied, apply
 from earthmind_compat.optimize.checkpointing import enable_checkpointing, is_checkpointing
 from earthmind_compat.optimize.experts import QuantizedExperts, quantize_experts
@@ -36,6 +37,7 @@ __all__ = [
     "FAMILY_LORA_TARGETS",
     "OPTION_KEYS",
     "TECHNIQUES",
+    "AdapterExport",
     "Applied",
     "QuantizedExperts",
     "Techniques",
@@ -43,12 +45,15 @@ __all__ = [
     "apply",
     "bnb_config",
     "enable_checkpointing",
+    "export_adapters",
     "find_blocks",
     "is_checkpointing",
+    "load_adapters",
     "load_quantized",
     "lora_parameters",
     "lora_targets",
     "memory_bytes",
+    "merge_lora",
     "parse_technique",
     "quantize_experts",
     "quantize_linears",

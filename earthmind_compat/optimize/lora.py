@@ -30,7 +30,7 @@ def add_lora(
     target_modules: Sequence[str] | None = None,
     kbit_prep: bool = False,
 ) -> nn.Module:
-    """Add LoRA adapters to ``backbone`` in place and freeze everything else.
+    """Add LoRA adapters to ``backbone`` in place and freeze everything else but its ``new_modules``.
 
     Args:
         backbone: An earthmind-compat backbone (quantized or not).
@@ -79,6 +79,8 @@ def add_lora(
             inject_adapter_in_model(config, child, adapter_name=ADAPTER_NAME)
     for name, param in backbone.named_parameters():
         param.requires_grad_(f"lora_A.{ADAPTER_NAME}" in name or f"lora_B.{ADAPTER_NAME}" in name)
+    for name in getattr(backbone, "new_modules", ()):
+        backbone.get_submodule(name).requires_grad_(True)  # freshly initialised: nothing to adapt, it must train
     return backbone
 
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from earthmind_compat.arguments import check_boolean_call, check_booleans
 from earthmind_compat.errors import ConfigurationError, did_you_mean
 
 #: Constructor keywords handled here.
@@ -58,10 +59,11 @@ def resolve_options(options: Mapping[str, object]) -> tuple[str, dict]:
         _check_keys("quantization", quantization, _QUANT_KEYS)
         if "type" not in quantization:
             raise ConfigurationError("backbone quantization mapping needs a 'type' (int8, nf4 or fp4).")
+        check_booleans("backbone quantization", quantization, ["double_quant", "experts"])
         parts.append(str(quantization["type"]))
-        if quantization.get("double_quant"):
+        if quantization.get("double_quant", False):
             parts.append("dq")
-        kwargs["quantize_moe_experts"] = bool(quantization.get("experts", True))
+        kwargs["quantize_moe_experts"] = quantization.get("experts", True)
     elif isinstance(quantization, str):
         parts.append(quantization)
     elif quantization is not None:
@@ -112,6 +114,7 @@ def wrap_constructor(cls: type) -> None:
         options = {key: kwargs.pop(key) for key in OPTION_KEYS if key in kwargs}
         outermost = not self.__dict__.get("_earthmind_constructing", False)
         if outermost:
+            check_boolean_call(init, cls.__name__, (self, *args), kwargs)  # "false" is not False
             resolve_options(options)  # fail on bad options before building anything
             self.__dict__["_earthmind_constructing"] = True
         try:

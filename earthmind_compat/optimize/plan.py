@@ -149,6 +149,12 @@ def count_weights(backbone: nn.Module, techniques: Techniques, lora_r: int = 8) 
                 frozen += p.numel()
     lora = _lora_params(backbone, techniques, lora_r)
     weights += 4 * lora
+    if techniques.lora:  # LoRA keeps the backbone's freshly initialised modules trainable
+        frozen -= sum(
+            p.numel()
+            for name in getattr(backbone, "new_modules", ())
+            for p in backbone.get_submodule(name).parameters()
+        )
     return {"weights": weights, "parameters": params + lora, "trainable": params - frozen + lora}
 
 

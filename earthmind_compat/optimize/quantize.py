@@ -10,6 +10,16 @@ training the same layer. Layers quantized here have that repacking switched off,
 same (portable) code path and a model can alternate between evaluation and training. On CPUs whose
 AVX-512 kernel dequantizes rows that split 4-bit blocks wrongly, such layers get a correct forward pass
 (:mod:`earthmind_compat.optimize.bnb_cpu`).
+
+Checkpoints: a 4-bit layer writes its quantization state next to its packed weight (``weight.absmax``,
+``weight.quant_map``, ``weight.nested_*``, ``weight.quant_state.bitsandbytes__nf4``), but bitsandbytes gives
+``Linear4bit`` no way to read them back, so a strict ``load_state_dict`` (Lightning's, TerraTorch's) rejects
+them. :func:`restore_quant_state_on_load` gives every 4-bit layer made here a load hook that rebuilds the
+layer's ``QuantState`` from those entries, the way transformers' bitsandbytes integration does for
+``from_pretrained``. 8-bit layers read their row scales (``SCB``) themselves, but only until their first
+forward pass, which moves the scales from the weight to the layer's matmul state; their hook puts them back
+first, so a model that has already run (a fresh Lightning task after its sanity check, a model evaluated
+before loading) still loads.
 """
 
 from __future__ import annotations
@@ -112,7 +122,59 @@ def load_quantized(
         from earthmind_compat.optimize.bnb_cpu import repair_partial_block_layers
 
         repair_partial_block_layers(model)  # see earthmind_compat.optimize.bnb_cpu
+    for layer in model.modules():
+        if is_quantized_linear(layer):
+            restore_quant_state_on_load(layer)
     return model
+
+
+#: Marks a layer whose load hook is installed, so it is installed once.
+_RELOAD_HOOK_FLAG = "_earthmind_restores_quant_state"
+
+
+def _load_quant_state(layer: nn.Module, state_dict: dict, prefix: str, *_: object) -> None:
+    """``load_state_dict`` pre-hook: take this layer's quant-state entries and rebuild its ``QuantState``.
+
+    The entries are removed from ``state_dict`` (they are not parameters, so a strict load would call them
+    unexpected); the packed weight itself is then copied by the ordinary loader. A checkpoint without the
+    entries leaves the layer's present state alone (the caller's strict load reports the rest).
+    """
+    from bitsandbytes.functional import QuantState
+
+    stats_prefix = prefix + "weight."
+    keys = [key for key in state_dict if key.startswith(stats_prefix)]
+    if not keys:
+        return
+    stats = {key[len(stats_prefix) :]: state_dict.pop(key) for key in keys}
+    quant_state = QuantState.from_dict(stats, device=layer.weight.device)
+    layer.weight.quant_state = quant_state
+    layer.quant_state = quant_state
+
+
+def _return_int8_scales(layer: nn.Module, *_: object) -> None:
+    """``load_state_dict`` pre-hook of an 8-bit layer: give the weight back the row scales its forward took.
+
+    bitsandbytes' own loader copies ``SCB`` into ``weight.SCB`` and refuses when it is ``None``, which it is
+    after the first forward pass (the scales then live in ``layer.state.SCB``, the same tensor).
+    """
+    if getattr(layer.weight, "SCB", None) is None and getattr(layer.state, "SCB", None) is not None:
+        layer.weight.SCB = layer.state.SCB
+
+
+def restore_quant_state_on_load(layer: nn.Module) -> nn.Module:
+    """Make a bitsandbytes ``Linear4bit`` or ``Linear8bitLt`` loadable from its own ``state_dict()``, strictly.
+
+    Args:
+        layer: A ``bnb.nn.Linear4bit`` or ``bnb.nn.Linear8bitLt`` (or subclass). Idempotent.
+
+    Returns:
+        ``layer``.
+    """
+    if not getattr(layer, _RELOAD_HOOK_FLAG, False):
+        hook = _return_int8_scales if isinstance(layer, _bnb().nn.Linear8bitLt) else _load_quant_state
+        layer._register_load_state_dict_pre_hook(hook, with_module=True)
+        setattr(layer, _RELOAD_HOOK_FLAG, True)
+    return layer
 
 
 def quantize_linear(
@@ -152,6 +214,7 @@ def quantize_linear(
             )
     if quantization == "int8":
         layer.weight = bnb.nn.Int8Params(weight.float().cpu(), requires_grad=False, has_fp16_weights=False).to(device)
+        restore_quant_state_on_load(layer)
     else:
         params = bnb.nn.Params4bit(
             weight.float(),
@@ -166,6 +229,7 @@ def quantize_linear(
         layer.quant_state = layer.weight.quant_state
         # See the module docstring: no in-place CPU repacking (out_features % 32 assert, breaks training).
         layer.support_avx512bf16_for_cpu = False
+        restore_quant_state_on_load(layer)
         from earthmind_compat.optimize.bnb_cpu import repair_layer
 
         repair_layer(layer)  # rows that split 4-bit blocks on a CPU whose kernel gets them wrong
