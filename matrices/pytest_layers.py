@@ -2,7 +2,7 @@
 
 Loaded by ``nox -s compat`` with ``-p pytest_layers`` (``matrices/`` on ``PYTHONPATH``). Each test gets
 a ``layers`` property listing the layer markers it carries (registry, shapes, numerics, benchmark, e2e,
-reliability, gpu), in that order; ``earthmind_compat.matrix.junit_layers`` counts a test under the
+reliability, gpu), in that order; ``tools.matrix.results.junit_layers`` counts a test under the
 first one. Tests are not changed in any other way.
 """
 

@@ -7,13 +7,14 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 
@@ -24,17 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / ".github" / "workflows"
 
 
-def _load_matrix_by_path() -> ModuleType:
-    """Load matrix.py the way the noxfile and the workflows do (no package import)."""
-    spec = importlib.util.spec_from_file_location("_matrix_under_test", ROOT / "earthmind_compat" / "matrix.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def _import_matrix_tooling() -> ModuleType:
+    """Import ``tools.matrix`` from the repository root, as ``python -m tools.matrix`` and the noxfile do."""
+    if str(ROOT) not in sys.path:  # pytest puts tests/ on sys.path, not the root; tools/ is not installed
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module("tools.matrix")
 
 
-matrix = _load_matrix_by_path()
+matrix = _import_matrix_tooling()
 
 
 def _workflow(name: str) -> dict:
@@ -120,7 +118,7 @@ def test_compat_workflow_takes_its_matrix_from_nox() -> None:
     jobs = workflow["jobs"]
     listing_steps = [s for s in jobs["cells"]["steps"] if "run" in s and "nox -l --json -s compat" in s["run"]]
     assert len(listing_steps) == 1, "the cells job must list the sessions with `nox -l --json -s compat`"
-    assert "earthmind_compat/matrix.py gha-matrix" in listing_steps[0]["run"]
+    assert "python -m tools.matrix gha-matrix" in listing_steps[0]["run"]
     assert jobs["cells"]["outputs"]["matrix"] == f"${{{{ steps.{listing_steps[0]['id']}.outputs.matrix }}}}"
     compat = jobs["compat"]
     assert compat["needs"] == "cells"
@@ -138,10 +136,10 @@ def test_compat_workflow_takes_its_matrix_from_nox() -> None:
 
 
 def test_gha_matrix_pipeline_matches_nox(tmp_path: Path) -> None:
-    """Run the workflow's own pipeline (`nox -l --json -s compat | matrix.py gha-matrix`)."""
+    """Run the workflow's own pipeline (`nox -l --json -s compat | python -m tools.matrix gha-matrix`)."""
     listing = json.dumps(_nox_listing("-s", "compat"))
     proc = subprocess.run(
-        [sys.executable, "-P", str(ROOT / "earthmind_compat" / "matrix.py"), "gha-matrix"],
+        [sys.executable, "-m", "tools.matrix", "gha-matrix"],
         input=listing,
         capture_output=True,
         text=True,
@@ -152,6 +150,27 @@ def test_gha_matrix_pipeline_matches_nox(tmp_path: Path) -> None:
     cells = matrix.active_cells(matrix.load_cells(ROOT / matrix.CELLS_FILE))
     assert {e["cell"] for e in emitted} == {c.id for c in cells}
     assert len(emitted) == len(cells)
+
+
+def test_matrix_commands_named_in_the_repository_exist() -> None:
+    """Docs, cells file, noxfile and workflows name only `python -m tools.matrix` subcommands that exist."""
+    paths = [
+        ROOT / "README.md",
+        ROOT / "noxfile.py",
+        *sorted((ROOT / "matrices").glob("*.*")),
+        *WORKFLOWS.glob("*.yml"),
+    ]
+    texts = {
+        p.relative_to(ROOT): p.read_text(encoding="utf-8") for p in paths if p.suffix in (".md", ".py", ".toml", ".yml")
+    }
+    named = set()
+    for path, text in texts.items():
+        assert "earthmind-compat matrix" not in text, f"{path} names `earthmind-compat matrix`, which does not exist"
+        assert "earthmind_compat/matrix.py" not in text, f"{path} names earthmind_compat/matrix.py (now tools/matrix/)"
+        named |= {(path, sub) for sub in re.findall(r"-m tools\.matrix ([a-z][a-z-]*)", text)}
+    assert named, "no file runs python -m tools.matrix"
+    for path, sub in sorted(named):
+        assert matrix.build_parser().parse_args([sub]).command == sub, f"{path}: `python -m tools.matrix {sub}`"
 
 
 def test_every_nox_session_named_in_a_workflow_exists() -> None:
@@ -272,13 +291,13 @@ def test_render_check_reports_a_stale_output(tmp_path: Path) -> None:
 def test_committed_outputs_are_up_to_date() -> None:
     """README table, badges and heatmap regenerate byte for byte from the committed results."""
     outputs = matrix.render_outputs(ROOT)
-    import matplotlib
-
-    pinned = next(d.split("==")[1] for d in _noxfile_render_deps() if d.startswith("matplotlib=="))
+    pinned = dict(d.split("==") for d in _noxfile_render_deps())
+    # PNG bytes depend on the matplotlib release and SVG badges on the anybadge release: byte equality is
+    # only promised for the pinned ones (`nox -s render` installs them); otherwise the file must be committed.
+    drawn_by = {matrix.HEATMAP_FILE: "matplotlib", **{rel: "anybadge" for rel in outputs if rel.suffix == ".svg"}}
     for rel, content in sorted(outputs.items()):
-        if rel == matrix.HEATMAP_FILE and matplotlib.__version__ != pinned:
-            # PNG bytes depend on the matplotlib release: byte equality is only promised for the pinned one
-            # (`nox -s render` installs it); with another release the file must still be committed.
+        library = drawn_by.get(rel)
+        if library is not None and metadata.version(library) != pinned[library]:
             assert (ROOT / rel).exists(), f"{rel} is not committed"
             continue
         assert (ROOT / rel).read_bytes() == content, f"{rel} is stale: run `nox -s render`"

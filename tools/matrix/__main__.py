@@ -1,0 +1,7 @@
+"""``python -m tools.matrix``."""
+
+import sys
+
+from tools.matrix.cli import main
+
+sys.exit(main())
