@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "earthmind_compat.commands.synthetic_data",
     "earthmind_compat.commands.benchmark",
     "earthmind_compat.commands.optimize",
+    "earthmind_compat.commands.export",
 ]
 
 #: Subcommands handed to TerraTorch's own CLI after our backbones are registered.

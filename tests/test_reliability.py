@@ -327,7 +327,85 @@ TECHNIQUE_CASES = [
     Case("experts-from-a-dense-layer", _experts_from_a_dense_layer, ConfigurationError, "not a fused expert stack"),
 ]
 
-CATALOGUE = INPUT_CASES + BUILD_CASES + WEIGHT_CASES + TECHNIQUE_CASES
+
+# -- the lifecycle: checkpoints, configs and arguments a fine-tune meets ----------------------------------
+def _load_other_technique(env: dict) -> None:
+    internvl(in_chans=4).load_state_dict(internvl(in_chans=4, technique="nf4+dq").state_dict())
+
+
+def _load_other_bands(env: dict) -> None:
+    granite(in_chans=5, technique="qlora").load_state_dict(granite(in_chans=4, technique="qlora").state_dict())
+
+
+def _load_other_backbone(env: dict) -> None:
+    internvl(in_chans=4).load_state_dict(env["granite"].state_dict())
+
+
+def _config_without_dimensions(env: dict, backbone: str, keys: tuple[str, ...]) -> None:
+    import shutil
+
+    source = env[f"{backbone}_dir"][0]
+    directory = env["tmp"] / f"{backbone}_without_dimensions"
+    shutil.copytree(source, directory)
+    config = json.loads((directory / "config.json").read_text())
+    for key in keys:
+        config.pop(key, None)
+    (directory / "config.json").write_text(json.dumps(config))
+    (internvl if backbone == "internvl" else granite)(weights=str(directory))
+
+
+def _segmentation_with_no_classes(env: dict) -> None:
+    from earthmind_compat.recipes import build_model
+
+    build_model("internvl2_5_4b", "UperNetDecoder", num_classes=0, preset="tiny")
+
+
+LIFECYCLE_CASES = [
+    Case("checkpoint-other-technique", _load_other_technique, WeightsError, "technique 'nf4+dq'"),
+    Case("checkpoint-other-bands", _load_other_bands, WeightsError, "takes 4 input bands and this model's 5"),
+    Case("checkpoint-other-backbone", _load_other_backbone, WeightsError, "holds another model"),
+    Case(
+        "config-without-width",
+        lambda env: _config_without_dimensions(env, "internvl", ("hidden_size", "intermediate_size")),
+        WeightsError,
+        "config.json does not describe these tensors",
+    ),
+    Case(
+        "config-without-depth",
+        lambda env: _config_without_dimensions(
+            env, "granite", ("num_hidden_layers", "layer_types", "layers_block_type")
+        ),
+        WeightsError,
+        "blocks the checkpoint does not hold",
+    ),
+    Case(
+        "config-without-granite-width",
+        lambda env: _config_without_dimensions(env, "granite", ("hidden_size",)),
+        WeightsError,
+        "not a valid Granite 4.0 config",
+    ),
+    Case("bool-as-string-false", lambda env: internvl(with_projector="false"), ConfigurationError, "true or false"),
+    Case("bool-as-string-yes", lambda env: granite(bidirectional_mamba="yes"), ConfigurationError, "true or false"),
+    Case("bool-as-int", lambda env: internvl(keep_cls_token=1), ConfigurationError, "true or false"),
+    Case(
+        "bool-in-quantization-mapping",
+        lambda env: internvl(quantization={"type": "nf4", "double_quant": "false"}),
+        ConfigurationError,
+        "double_quant must be true or false",
+    ),
+    Case(
+        "band-in-two-modalities",
+        lambda env: BACKBONE_REGISTRY.build(
+            "earthmind_v1", preset="tiny", modalities={"sar": ["VV", "RED"], "optical": ["RED", "GREEN", "BLUE"]}
+        ),
+        ConfigurationError,
+        "share band names ['RED']",
+    ),
+    Case("num-classes-zero", _segmentation_with_no_classes, ConfigurationError, "num_classes must be a positive"),
+    Case("dtype-unknown", lambda env: granite(dtype="float64"), ConfigurationError, "bfloat16"),
+]
+
+CATALOGUE = INPUT_CASES + BUILD_CASES + WEIGHT_CASES + TECHNIQUE_CASES + LIFECYCLE_CASES
 
 
 @pytest.fixture
@@ -486,3 +564,33 @@ def test_float64_input_is_accepted_and_matches_float32(tiny_internvl):
         wide = tiny_internvl(x.double())[-1]
         assert wide.dtype == torch.float64  # features come back in the input's dtype
         assert torch.allclose(wide.float(), tiny_internvl(x)[-1])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        (["check", "--json", "{blocker}/results.json"], "is a file, not a directory"),
+        (["check", "--json", "{tmp}"], "is a directory; give a file name"),
+        (["benchmark", "--output", "{blocker}"], "is a file; give a directory"),
+        (["optimize", "--backbone", "internvl2_5_4b", "--output", "{blocker}/out"], "is a file, not a directory"),
+        (["synthetic-data", "{blocker}/data"], "is a file, not a directory"),
+        (["export-adapters", "-c", "a.yaml", "--ckpt_path", "b.ckpt", "--output", "{tmp}"], "is a directory"),
+    ],
+    ids=[
+        "check-json-under-a-file",
+        "check-json-a-directory",
+        "benchmark-output-a-file",
+        "optimize-output",
+        "synthetic-data",
+        "export-output-a-directory",
+    ],
+)
+def test_unwritable_output_paths_are_argument_errors_before_any_work(arguments, says, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    argv = [a.format(blocker=blocker, tmp=tmp_path) for a in arguments]
+    with pytest.raises(SystemExit) as exited:
+        cli_main(argv)
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert says in error and "Traceback" not in error

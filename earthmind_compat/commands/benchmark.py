@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from earthmind_compat.commands.paths import writable_directory
+
 NAME = "benchmark"
 HELP = "time and memory of each backbone x technique (table, JSON, PNG chart)"
 
@@ -21,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per cell (median is reported)")
-    parser.add_argument("--output", default="benchmark-results", help="directory for benchmark.json/.png")
+    parser.add_argument(
+        "--output", default="benchmark-results", type=writable_directory, help="directory for benchmark.json/.png"
+    )
 
 
 def resolve_device(device: str) -> str:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from earthmind_compat.commands.paths import writable_file
+
 NAME = "check"
 HELP = "certify this environment: every backbone x feature at tiny size"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``check``."""
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", metavar="PATH", type=writable_file, help="also write the results as JSON")
     parser.add_argument("--backbones", nargs="+", metavar="NAME", help="backbones to check (default: all)")
     parser.add_argument("--features", nargs="+", metavar="NAME", help="features to check (default: all)")
 

@@ -7,6 +7,8 @@ import copy
 import sys
 from pathlib import Path
 
+from earthmind_compat.commands.paths import writable_directory
+
 NAME = "optimize"
 HELP = "accuracy, memory and speed of each technique on one backbone (table, JSON, PNG)"
 
@@ -21,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--output", default="optimize-results")
+    parser.add_argument(
+        "--output", default="optimize-results", type=writable_directory, help="directory for optimize.json/.png"
+    )
 
 
 def fidelity(backbone: str, technique: str, preset: str, device: str) -> dict:
