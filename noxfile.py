@@ -9,6 +9,8 @@ needs neither torch nor TerraTorch.
     nox -s "compat(cell='tt1.0.2-torch2.7.0-tf5.23.0-py3.11')"   # one cell
     nox -s gpu_benchmarks                      # pytest -m gpu with --benchmark-json (needs CUDA, or
                                                #   EARTHMIND_GPU_ON_CPU=1 for the tiny CPU variant)
+    nox -s benchmarks                          # pytest -m benchmark with the timing targets enforced
+    nox -s hypothesis_dev                      # property tests with the dev profile (random, shrinking)
     nox -s render                              # README table, badges, heatmap from matrices/results
     nox -s lint                                # ruff, actionlint, zizmor
 """
@@ -309,6 +311,28 @@ def gpu_benchmarks(session: nox.Session) -> None:
         *session.posargs[1:],
         env={"EARTHMIND_GPU_ON_CPU": "1" if on_cpu else "0"},
     )
+
+
+@nox.session(python=REFERENCE.python, venv_backend="uv|virtualenv")
+def benchmarks(session: nox.Session) -> None:
+    """``pytest -m benchmark`` on CPU with the timing targets enforced (run it on a quiet machine)."""
+    _reference_install(session)
+    session.run(
+        "pytest",
+        "-m",
+        "benchmark and not gpu",
+        "-p",
+        "no:randomly",
+        *session.posargs,
+        env={"EARTHMIND_BENCH_STRICT": "1"},
+    )
+
+
+@nox.session(python=REFERENCE.python, venv_backend="uv|virtualenv")
+def hypothesis_dev(session: nox.Session) -> None:
+    """The property tests with hypothesis' ``dev`` profile: random examples, shrinking, example database."""
+    _reference_install(session)
+    session.run("pytest", "-m", "shapes", "-p", "no:randomly", *session.posargs, env={"HYPOTHESIS_PROFILE": "dev"})
 
 
 @nox.session(python=REFERENCE.python)

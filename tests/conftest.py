@@ -8,22 +8,24 @@ import socket
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-# No network, ever: Hugging Face offline mode before anything imports huggingface_hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# No network, ever: Hugging Face offline mode before anything imports huggingface_hub. Forced, not
+# defaulted: a developer's HF_HUB_OFFLINE=0 must not let the suite reach the hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 import earthmind_compat  # noqa: F401  (registers the backbones in TerraTorch for every test)
 
-# ci: derandomized and without shrinking: every example builds TerraTorch models, so shrinking a failure can
-# take many minutes per test (seen in a matrix cell); the failing example is reported as found, with the
-# blob to replay it. dev: random, shrinks to a minimal example.
+# ci: random examples (each run explores new ones; a failure prints the blob that replays it) and no
+# shrinking: every example builds TerraTorch models, so shrinking a failure can take many minutes per test
+# (seen in a matrix cell). dev: more examples, shrinking to a minimal example, and hypothesis' example
+# database; a scheduled workflow runs it (.github/workflows/tests.yml, job hypothesis-dev).
 settings.register_profile(
     "ci",
     max_examples=25,
     deadline=None,
-    derandomize=True,
     print_blob=True,
+    database=None,
     phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target),
     suppress_health_check=[HealthCheck.too_slow],
 )
@@ -66,6 +68,43 @@ def no_network() -> None:
     socket.socket.connect = _guarded_connect
     yield
     socket.socket.connect = _real_connect
+
+
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    """Every test starts from the same random state (torch, numpy, random), whatever ran before it."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def replaced_registry_entry():
+    """Put an object under a name of TerraTorch's backbone registry for one test, and restore it after.
+
+    TerraTorch offers no public way to unregister or replace an entry, so this is the one place that writes
+    its private ``_registry`` dict (the same attribute in every TerraTorch release from 0.99.7 to 1.2.13).
+    """
+    from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY
+
+    store = TERRATORCH_BACKBONE_REGISTRY._registry
+    saved: dict = {}
+
+    def replace(name: str, value: object) -> None:
+        saved.setdefault(name, store.get(name))
+        store[name] = value
+
+    yield replace
+    for name, value in saved.items():
+        if value is None:
+            store.pop(name, None)
+        else:
+            store[name] = value
 
 
 @pytest.fixture

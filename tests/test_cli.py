@@ -16,18 +16,31 @@ from earthmind_compat.cli import COMMAND_MODULES, main
 
 
 @pytest.mark.registry
-def test_check_writes_table_and_json(tmp_path, capsys):
+def test_check_writes_table_and_json(tmp_path, capsys, monkeypatch):
+    """The table and the JSON say the same, row by row, pass or fail.
+
+    Whether each backbone x feature passes is the matrix's ``check`` column (``earthmind-compat check`` in
+    every cell and in .ci/run); here one passing and one failing feature show that both are reported.
+    """
+
+    def broken(backbone: str) -> str:
+        raise RuntimeError(f"deliberately broken for {backbone}")
+
+    monkeypatch.setitem(FEATURES, "broken", broken)
     path = tmp_path / "out" / "check.json"
-    assert main(["check", "--json", str(path)]) == 0
+    assert main(["check", "--features", "forward", "broken", "--json", str(path)]) == 1
     printed = capsys.readouterr().out
     document = json.loads(path.read_text())
-    pairs = {(r["backbone"], r["feature"]) for r in document["rows"]}
-    assert pairs == {(b, f) for b in BACKBONE_BUILDERS for f in FEATURES}
-    assert document["failed"] == 0 and document["passed"] == len(pairs)
+    rows = {(r["backbone"], r["feature"]): r["status"] for r in document["rows"]}
+    assert set(rows) == {(b, f) for b in BACKBONE_BUILDERS for f in ("forward", "broken")}
+    assert {s for (_, f), s in rows.items() if f == "broken"} == {"fail"}
+    passed = sum(s == "pass" for s in rows.values())
+    assert (document["passed"], document["failed"]) == (passed, len(rows) - passed)
     assert {"python", "torch", "terratorch", "transformers"} <= set(document["versions"])
-    for backbone in BACKBONE_BUILDERS:
-        assert backbone in printed
-    assert f"{len(pairs)} passed, 0 failed" in printed
+    for (backbone, feature), status in rows.items():
+        line = next(line for line in printed.splitlines() if backbone in line and feature in line)
+        assert status.upper() in line.upper()
+    assert f"{passed} passed, {len(rows) - passed} failed" in printed
 
 
 @pytest.mark.registry

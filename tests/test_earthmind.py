@@ -160,8 +160,12 @@ def test_gates_lie_strictly_between_zero_and_one(seed, scale, size):
     ):
         assert gate.shape == tokens.shape[:2]
         assert bool(((gate > 0) & (gate < 1)).all()), (gate.min(), gate.max())
-        assert torch.allclose(gate, torch.sigmoid(model.gate.scores(tokens, other)))
+        # independently of CrossModalGate.scores: each learned query weighs the elementwise product of the pair
+        logits = sum(((tokens * other) * query).sum(dim=-1) for query in model.gate.local_query)
+        assert torch.allclose(gate, 1 / (1 + torch.exp(-logits)), rtol=1e-5, atol=1e-6)
         assert torch.allclose(gated, tokens * gate.unsqueeze(-1))
+    # the score is a symmetric bilinear form: both modalities get the same gate at a position
+    assert torch.allclose(*output.fusion.gates)
 
 
 @pytest.mark.numerics

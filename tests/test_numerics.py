@@ -83,7 +83,7 @@ def test_quantized_blocks_within_measured_tolerance(name, technique):
     reference, candidate = _pair(name, technique)
     family = reference.family
     errors = block_errors(reference, candidate, tiny_input(name))
-    assert len(errors) == len(candidate.out_indices) or len(errors) >= 1
+    assert [e.index for e in errors] == list(range(max(candidate.out_indices) + 1)), "every block that ran"
     assert _violations(errors, family, technique.split("+")[0]) == []
     # the quantization did act: a no-op "quantizer" would give exactly zero error
     assert min(e.rel_error for e in errors) > 0.2 * MEASURED[family][technique.split("+")[0]]["rel"][0]
@@ -172,14 +172,33 @@ def test_lora_at_init_equals_base_and_differs_after_one_step(name):
     assert change > 1e-6
 
 
+def _saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves for the backward of one forward pass."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in parameters:
+            kept[pointer] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with warnings.catch_warnings(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        warnings.simplefilter("ignore")
+        _loss(model(x))
+    return sum(kept.values())
+
+
 @pytest.mark.parametrize("name", sorted(BACKBONE_BUILDERS))
 def test_checkpointed_outputs_and_gradients_equal_plain(name):
     torch.manual_seed(0)
     plain = BACKBONE_BUILDERS[name](preset="tiny", in_chans=4).train()
     checkpointed = copy.deepcopy(plain)
-    how = enable_checkpointing(checkpointed)
-    assert how in ("activation_checkpointing_enable", "gradient_checkpointing_enable", "torch.utils.checkpoint")
+    enable_checkpointing(checkpointed)
     x = tiny_input(name)
+    # checkpointing must act: autograd keeps far fewer activation bytes (measured 0.15 to 0.32 of plain)
+    kept = {model: _saved_activation_bytes(model, x) for model in (plain, checkpointed)}
+    assert kept[checkpointed] < 0.5 * kept[plain], kept
     outputs = []
     for model in (plain, checkpointed):
         with warnings.catch_warnings():
@@ -204,16 +223,23 @@ def test_checkpointed_outputs_and_gradients_equal_plain(name):
 def test_one_qlora_training_step_on_cpu(name):
     torch.manual_seed(0)
     model = BACKBONE_BUILDERS[name](preset="tiny", in_chans=4, technique="qlora+ckpt").train()
-    params = lora_parameters(model)
-    before = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    named = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    params = list(named.values())
+    assert params == lora_parameters(model)
+    # plain SGD: a parameter moves only by its gradient (AdamW's weight decay would move lora_A without one)
+    optimizer = torch.optim.SGD(params, lr=1e-1)
     x = tiny_input(name)
-    loss = _loss(model(x))
-    loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    _loss(model(x)).backward()
+    # LoRA starts as an identity (lora_B = 0): the first step reaches lora_B only, through the frozen
+    # 4-bit layers and the checkpointed blocks
+    for n, p in named.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        assert (p.grad.abs().sum() > 0) == ("lora_B" in n), n
     optimizer.step()
-    moved = sum(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
-    assert moved == len(params)  # lora_A and lora_B both move once lora_B is non-zero... see below
+    optimizer.zero_grad()
+    _loss(model(x)).backward()
+    # once lora_B moved, every adapter gets a gradient
+    assert all(p.grad.abs().sum() > 0 for p in params)
     # evaluation after training (no repacking trap on any CPU) and a second training step both work
     with torch.no_grad():
         model.eval()(x)

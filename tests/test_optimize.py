@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -16,6 +17,7 @@ from earthmind_compat.optimize import (
     load_quantized,
     parse_technique,
     quantize_experts,
+    quantize_linears,
     weight_share,
 )
 from earthmind_compat.optimize.families import derived_lora_targets
@@ -113,6 +115,7 @@ def test_granite_expert_quantization_share():
 
 
 def test_load_time_quantization_from_a_saved_tiny_checkpoint(tiny_granite_dir):
+    import bitsandbytes as bnb
     from transformers import GraniteMoeHybridModel
 
     directory, _ = tiny_granite_dir
@@ -121,6 +124,25 @@ def test_load_time_quantization_from_a_saved_tiny_checkpoint(tiny_granite_dir):
     assert share["4bit"] > 0
     quantize_experts(model, "nf4")
     assert weight_share(model)["4bit"] > share["4bit"]
+    # the same weights quantized in place from the full-precision model: the same bytes, layer by layer
+    full = GraniteMoeHybridModel.from_pretrained(str(directory)).float().eval()
+    inplace = copy.deepcopy(full)
+    quantize_linears(inplace, "nf4")
+    quantize_experts(inplace, "nf4")
+    compared = 0
+    for name, layer in model.named_modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            twin = inplace.get_submodule(name)
+            assert torch.equal(layer.weight.data, twin.weight.data), name
+            assert torch.equal(layer.weight.quant_state.absmax, twin.weight.quant_state.absmax), name
+            compared += 1
+    assert compared >= 10
+    # and the quantized model computes what the full-precision one does, up to 4-bit error, not exactly
+    x = torch.randn(2, 16, full.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, reference = model.eval()(inputs_embeds=x)[0], full(inputs_embeds=x)[0]
+    cosine = torch.nn.functional.cosine_similarity(ours.flatten(), reference.flatten(), dim=0)
+    assert 0.95 < cosine < 1.0, cosine
 
 
 def test_cpu_repacking_trap_is_avoided(monkeypatch):

@@ -48,8 +48,14 @@ def _error(name: str, technique: str, batch: int, size: int) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("technique", ["none", "ckpt"])
 def test_activation_estimate_matches_measured_peak_internvl(technique):
-    # measured: +5.1 % (none); ckpt +1.2 % in one run, +29 % in another (allocator events vary between runs)
-    assert abs(_error("internvl2_5_4b", technique, 2, 448)) < 0.35
+    # measured: none +1.9 % and +5.1 %; ckpt +1.2 %, +18.9 % and +29 % in three runs (the recomputation's
+    # allocator events vary between runs). Without checkpointing within 10 %; with it never below the
+    # measurement and within 35 % (the +-10 % target for every technique is the planner issue's).
+    error = _error("internvl2_5_4b", technique, 2, 448)
+    if technique == "none":
+        assert abs(error) < 0.10, error
+    else:
+        assert 0.0 <= error < 0.35, error
 
 
 @pytest.mark.slow
@@ -124,8 +130,14 @@ def test_cli_plan(capsys):
     assert code == 1
     for label in ("weights", "gradients", "optimizer state", "activations", "does NOT fit"):
         assert label in out
-    plan = plan_memory("internvl2_5_4b", "tiny", "qlora+ckpt", batch_size=2, image_size=112)
-    assert f"({plan.weights / plan.unoptimized_weights:.3f} of " in out
+    # the ratio printed is the real one: bytes of a built QLoRA backbone over a built full-precision one
+    from terratorch.registry import BACKBONE_REGISTRY
+
+    from earthmind_compat.optimize import memory_bytes
+
+    quantized = memory_bytes(BACKBONE_REGISTRY.build("internvl2_5_4b", preset="tiny", technique="qlora+ckpt"))
+    full = memory_bytes(BACKBONE_REGISTRY.build("internvl2_5_4b", preset="tiny"))
+    assert f"({quantized / full:.3f} of " in out
     assert main(["plan", "--backbone", "internvl2_5_4b", "--preset", "tiny", "--technique", "nf4+lora"]) == 0
 
 

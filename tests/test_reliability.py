@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import pickle
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,23 +425,31 @@ def test_catalogue_is_large_and_unique():
     assert len(ids) >= 40
 
 
+@pytest.mark.timeout(60)  # a bad input must fail, not hang: pytest-timeout turns a hang into a failure
 @pytest.mark.parametrize("case", CATALOGUE, ids=lambda case: case.id)
 def test_bad_input_gives_a_clear_error(case, env):
-    start = time.perf_counter()
     with pytest.raises(case.error) as caught:
         case.action(env)
     assert isinstance(caught.value, EarthMindCompatError)
     assert not isinstance(caught.value, KeyError)
     assert case.says in str(caught.value), str(caught.value)
-    assert time.perf_counter() - start < 30, "a bad input must fail fast, not hang"
     assert not env["marker"].exists(), "a pickle payload was executed"
 
 
-def test_missing_local_weights_fail_offline_in_under_a_second(tmp_path):
-    start = time.perf_counter()
-    with pytest.raises(WeightsError):
+def test_missing_local_weights_fail_offline_with_one_cache_lookup(monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    real = huggingface_hub.snapshot_download
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    with pytest.raises(WeightsError, match="offline mode is on"):
         granite(weights="ibm-granite/not-in-any-cache")
-    assert time.perf_counter() - start < 1.0
+    assert len(calls) == 1 and calls[0]["local_files_only"] is True, "offline: one cache lookup, no retries"
 
 
 def test_malicious_pickle_is_never_executed(tmp_path):
@@ -486,16 +493,10 @@ def test_cli_unknown_backbone_exits_with_suggestion(capsys):
     assert "Did you mean 'internvl2_5_4b'" in capsys.readouterr().err
 
 
-def test_registry_conflict_is_reported():
-    from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY
-
-    original = TERRATORCH_BACKBONE_REGISTRY._registry["internvl2_5_4b"]
-    TERRATORCH_BACKBONE_REGISTRY._registry["internvl2_5_4b"] = lambda **kwargs: None
-    try:
-        with pytest.raises(RegistryConflictError, match="Import earthmind_compat before"):
-            earthmind_compat.register_all()
-    finally:
-        TERRATORCH_BACKBONE_REGISTRY._registry["internvl2_5_4b"] = original
+def test_registry_conflict_is_reported(replaced_registry_entry):
+    replaced_registry_entry("internvl2_5_4b", lambda **kwargs: None)
+    with pytest.raises(RegistryConflictError, match="Import earthmind_compat before"):
+        earthmind_compat.register_all()
 
 
 @pytest.mark.parametrize(
