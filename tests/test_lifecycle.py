@@ -107,7 +107,7 @@ def quiet():
 @pytest.mark.slow
 @pytest.mark.parametrize("technique", TECHNIQUES)
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_fit_test_predict_resume(backbone, technique, dataset, tmp_path, quiet):
+def test_fit_test_predict_resume(backbone, technique, dataset, tmp_path, quiet, record_property):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     data = datamodule(dataset)
@@ -125,6 +125,7 @@ def test_fit_test_predict_resume(backbone, technique, dataset, tmp_path, quiet):
     assert not torch.equal(outputs(evaluated, x), expected), "the fresh task must start elsewhere"
     metrics = trainer(tmp_path, epochs=1).test(evaluated, datamodule=data, ckpt_path=checkpoint)[0]
     difference = (outputs(evaluated, x) - expected).abs().max().item()
+    record_property("max_abs_difference_after_reload", difference)  # --junitxml reports it per combination
     assert difference <= 1e-6, f"{backbone} {technique}: output differs by {difference} after reloading"
     # the reported loss is the reloaded model's: recompute it on the test split independently
     data.setup("test")
