@@ -36,7 +36,6 @@ DEFAULT_DECODER: dict[str, str] = {
     "classification": "IdentityDecoder",
     "scalar_regression": "IdentityDecoder",
 }
-PIXEL_TASKS = ("segmentation", "regression")
 SCALAR_TASKS = ("classification", "scalar_regression")
 
 #: Necks that turn tokens into maps, pool them into vectors, or need maps as input.
@@ -286,16 +285,6 @@ def recommend(
         decoder_width = min(256, max(channels))
     defaults = rule.defaults(layout, int(decoder_width), outputs)
     return Recipe(task=task, decoder=decoder, necks=necks, decoder_kwargs=defaults)
-
-
-def recommended_necks(
-    backbone: str | nn.Module | FeatureLayout,
-    decoder: str | None = None,
-    task: str = "segmentation",
-    **kwargs: object,
-) -> list[dict]:
-    """Just the neck chain of :func:`recommend` (same arguments)."""
-    return recommend(backbone, decoder, task, **kwargs).necks
 
 
 # -- checking a chain before it is built ------------------------------------------------------------------

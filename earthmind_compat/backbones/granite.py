@@ -9,7 +9,6 @@ sequence and the two residual outputs are averaged, so every token sees the whol
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -253,8 +252,3 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, **kwargs: object) -> torc
     # is_causal=False reaches the attention function as a keyword in transformers 4.x and 5.x alike (4.x's
     # SDPA path ignores the module's own is_causal flag, which is also switched off for 5.x and eager)
     return first_tensor(layer(hidden, attention_mask=None, position_embeddings=None, **kwargs))
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters of ``module`` (works on the meta device)."""
-    return sum(math.prod(p.shape) for p in module.parameters())

@@ -132,6 +132,15 @@ class ModalityLayout:
         return f"{name!r}: <bands>"
 
 
+def _blocks(modalities: Sequence[Modality]) -> list[list[int]]:
+    """Channel positions of each modality in a stacked input whose blocks follow the modalities' order."""
+    index, start = [], 0
+    for m in modalities:
+        index.append(list(range(start, start + m.channels)))
+        start += m.channels
+    return index
+
+
 def resolve_modalities(
     modalities: Mapping[str, object] | None, in_chans: int | None, bands: Sequence[object] | None
 ) -> ModalityLayout:
@@ -176,23 +185,14 @@ def resolve_modalities(
             "them per sensor (e.g. S1_VV, S2_RED), or give a modality its band count instead of names."
         )
     if bands is None:
-        order = union if all_named else None
-        index, start = [], 0
-        for m in parsed:
-            index.append(list(range(start, start + m.channels)))
-            start += m.channels
-        return ModalityLayout(parsed, total, order, index)
+        return ModalityLayout(parsed, total, union if all_named else None, _blocks(parsed))
     _, stacked = resolve_bands(None, bands)
     if not all_named:
         if len(stacked) != total:
             raise ConfigurationError(
                 f"bands lists {len(stacked)} bands but the modalities have {total}; give one name per stacked band."
             )
-        index, start = [], 0
-        for m in parsed:
-            index.append(list(range(start, start + m.channels)))
-            start += m.channels
-        return ModalityLayout(parsed, total, stacked, index)
+        return ModalityLayout(parsed, total, stacked, _blocks(parsed))
     if sorted(stacked) != sorted(union):
         raise ConfigurationError(
             f"bands {stacked} must be exactly the modalities' bands {union} (in any order): "

@@ -32,6 +32,14 @@ _QUANT_STATE_MARKERS = (
     ".weight_format",
 )
 
+#: The quantization part of a technique name, by the state-dict key ending bitsandbytes writes for it.
+_TECHNIQUE_KEY_ENDINGS = (
+    ("int8", ".SCB"),
+    ("nf4", ".quant_state.bitsandbytes__nf4"),
+    ("fp4", ".quant_state.bitsandbytes__fp4"),
+    ("dq", ".nested_absmax"),
+)
+
 
 class CheckpointMismatchError(WeightsError):
     """A checkpoint was written by a backbone built differently from the one loading it."""
@@ -42,15 +50,7 @@ def technique_of(keys: set[str] | list[str]) -> str:
 
     Activation checkpointing leaves no trace in a state dict and is not reported.
     """
-    parts = []
-    if any(k.endswith(".SCB") for k in keys):
-        parts.append("int8")
-    if any(k.endswith(".quant_state.bitsandbytes__nf4") for k in keys):
-        parts.append("nf4")
-    if any(k.endswith(".quant_state.bitsandbytes__fp4") for k in keys):
-        parts.append("fp4")
-    if any(k.endswith(".nested_absmax") for k in keys):
-        parts.append("dq")
+    parts = [name for name, ending in _TECHNIQUE_KEY_ENDINGS if any(k.endswith(ending) for k in keys)]
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
         parts.append("lora")
     return "+".join(parts) or "none"

@@ -22,7 +22,6 @@ from earthmind_compat.optimize.families import find_blocks
 
 #: Name of the transformers method, newest first.
 ENABLE_METHODS = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
-DISABLE_METHODS = ("activation_checkpointing_disable", "gradient_checkpointing_disable")
 
 
 def _checkpoint_layer_class() -> type | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from earthmind_compat.compat import first_tensor
 from earthmind_compat.optimize.families import find_blocks
 
 
@@ -28,10 +29,6 @@ class BlockError:
     index: int
     cosine: float
     rel_error: float
-
-
-def _first_tensor(value: object) -> torch.Tensor:
-    return value[0] if isinstance(value, (tuple, list)) else value
 
 
 @torch.no_grad()
@@ -51,7 +48,7 @@ def block_errors(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) ->
 
     def capture(index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-            calls.setdefault(index, (args, kwargs, _first_tensor(output)))
+            calls.setdefault(index, (args, kwargs, first_tensor(output)))
 
         return hook
 
@@ -64,8 +61,8 @@ def block_errors(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) ->
     errors = []
     for index in sorted(calls):
         args, kwargs, ref_out = calls[index]
-        block_input = _first_tensor(args) if args else _first_tensor(next(iter(kwargs.values())))
-        cand_out = _first_tensor(cand_blocks[index](*args, **kwargs))
+        block_input = first_tensor(args) if args else first_tensor(next(iter(kwargs.values())))
+        cand_out = first_tensor(cand_blocks[index](*args, **kwargs))
         ref_delta = (ref_out - block_input).double().flatten()
         cand_delta = (cand_out - block_input).double().flatten()
         cosine = torch.nn.functional.cosine_similarity(ref_delta, cand_delta, dim=0).item()

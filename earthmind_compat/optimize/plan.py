@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from earthmind_compat.optimize.experts import is_fused_experts, quantize_experts
 from earthmind_compat.optimize.families import find_blocks, linear_paths, lora_targets
 from earthmind_compat.optimize.quantize import BLOCKSIZE_4BIT
 from earthmind_compat.optimize.techniques import Techniques, parse_technique
+from earthmind_compat.sizes import parse_size
 
 #: Optimizer state bytes per trainable parameter (fp32 states).
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 0, "sgd_momentum": 4}
@@ -65,32 +65,6 @@ class MemoryPlan:
     def as_dict(self) -> dict:
         """Plain dictionary (for JSON)."""
         return asdict(self)
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """Parse ``"24GiB"``, ``"80GB"``, ``"512MiB"`` or a byte count.
-
-    Raises:
-        ConfigurationError: for an unreadable size.
-    """
-    if text is None or isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.IGNORECASE)
-    if not match:
-        raise ConfigurationError(f"Cannot read the memory size {text!r}; write it like 24GiB, 80GB or 512MiB.")
-    value, unit, binary = float(match.group(1)), match.group(2).upper(), bool(match.group(3))
-    power = " KMGT".index(unit) if unit else 0
-    return int(value * (1024 if binary else 1000) ** power)
-
-
-def format_bytes(count: int) -> str:
-    """``1536`` -> ``"1.50 KiB"``."""
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def quantized_weight_bytes(out_features: int, in_features: int, quantization: str, double_quant: bool) -> int:
