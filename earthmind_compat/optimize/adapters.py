@@ -207,7 +207,5 @@ def merge_lora(model: nn.Module) -> nn.Module:
             )
     for path, layer in layers:
         layer.merge(safe_merge=True)
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, name, layer.get_base_layer())
+        model.set_submodule(path, layer.get_base_layer())
     return model

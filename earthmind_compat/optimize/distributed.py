@@ -15,6 +15,7 @@ from torch import nn
 
 from earthmind_compat.errors import ConfigurationError, unknown_name
 from earthmind_compat.optimize.families import block_classes
+from earthmind_compat.optimize.quantize import is_quantized_linear
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed_stage_3")
 
@@ -40,8 +41,6 @@ def lightning_strategy(name: str, backbone: nn.Module, process_group_backend: st
         return DDPStrategy(find_unused_parameters=not every_param_trains, process_group_backend=process_group_backend)
     if name == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
-
-        from earthmind_compat.optimize.quantize import is_quantized_linear
 
         if any(is_quantized_linear(m) for m in backbone.modules()):
             raise ConfigurationError(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from earthmind_compat.errors import ConfigurationError
+from earthmind_compat.optimize.quantize import quantize_linear
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -59,8 +60,6 @@ class QuantizedExperts(nn.Module):
                     f"{type(experts).__name__} has {flag}={not wanted}; only the Granite 4.0 layout "
                     "(gate and up concatenated, [out, in] per expert, no bias) can be split into linear layers."
                 )
-        from earthmind_compat.optimize.quantize import quantize_linear
-
         gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
         self.num_experts = gate_up.shape[0]
         self.act_fn = experts.act_fn
@@ -120,9 +119,7 @@ def quantize_experts(
         child = module.get_submodule(path)
         if child.gate_up_proj.device.type == "meta":
             raise ConfigurationError(f"{path} is on the meta device; load the weights before quantizing experts.")
-        parent_path, _, name = path.rpartition(".")
-        parent = module.get_submodule(parent_path) if parent_path else module
-        setattr(parent, name, QuantizedExperts(child, quantization, double_quant, compute_dtype))
+        module.set_submodule(path, QuantizedExperts(child, quantization, double_quant, compute_dtype))
         del child
         replaced.append(path)
     return replaced

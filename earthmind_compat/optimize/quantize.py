@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from earthmind_compat.errors import ConfigurationError
+from earthmind_compat.errors import ConfigurationError, unknown_name
 from earthmind_compat.optimize.techniques import QUANTIZATIONS
 
 #: bitsandbytes' 4-bit block size (elements sharing one absmax scale).
@@ -45,8 +45,6 @@ def _bnb():
 
 def _check_quantization(quantization: str) -> None:
     if quantization not in QUANTIZATIONS:
-        from earthmind_compat.errors import unknown_name
-
         raise unknown_name("quantization", quantization, QUANTIZATIONS)
 
 
@@ -119,7 +117,7 @@ def load_quantized(
         **kwargs,
     )
     if quantization != "int8":
-        from earthmind_compat.optimize.bnb_cpu import repair_partial_block_layers
+        from earthmind_compat.optimize.bnb_cpu import repair_partial_block_layers  # deferred: imports bitsandbytes
 
         repair_partial_block_layers(model)  # see earthmind_compat.optimize.bnb_cpu
     for layer in model.modules():
@@ -230,7 +228,7 @@ def quantize_linear(
         # See the module docstring: no in-place CPU repacking (out_features % 32 assert, breaks training).
         layer.support_avx512bf16_for_cpu = False
         restore_quant_state_on_load(layer)
-        from earthmind_compat.optimize.bnb_cpu import repair_layer
+        from earthmind_compat.optimize.bnb_cpu import repair_layer  # deferred: imports bitsandbytes
 
         repair_layer(layer)  # rows that split 4-bit blocks on a CPU whose kernel gets them wrong
     if has_bias:
@@ -275,9 +273,7 @@ def quantize_linears(
                 f"{path} has its weights on the meta device; load or initialise the weights before quantizing "
                 "(or use load_quantized to quantize while loading)."
             )
-        parent_path, _, name = path.rpartition(".")
-        parent = module.get_submodule(parent_path) if parent_path else module
-        setattr(parent, name, quantize_linear(child, quantization, double_quant, compute_dtype))
+        module.set_submodule(path, quantize_linear(child, quantization, double_quant, compute_dtype))
         del child
         replaced.append(path)
     return replaced
@@ -308,19 +304,15 @@ def weight_share(module: nn.Module) -> dict[str, int]:
         ``{"4bit": n, "8bit": n, "full": n, "total": n}``.
     """
     bnb = _bnb()
-    from earthmind_compat.optimize.experts import QuantizedExperts
-
     counts = {"4bit": 0, "8bit": 0, "full": 0}
     seen: set[int] = set()
-    for sub in module.modules():
+    for sub in module.modules():  # split MoE experts (QuantizedExperts) hold such layers, counted here too
         if isinstance(sub, bnb.nn.Linear4bit):
             counts["4bit"] += sub.in_features * sub.out_features
             seen.add(id(sub.weight))
         elif isinstance(sub, bnb.nn.Linear8bitLt):
             counts["8bit"] += sub.in_features * sub.out_features
             seen.add(id(sub.weight))
-        elif isinstance(sub, QuantizedExperts):
-            pass  # its per-expert layers are counted above
     for param in module.parameters():
         if id(param) not in seen:
             counts["full"] += param.numel()
