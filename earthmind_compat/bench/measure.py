@@ -5,8 +5,9 @@ Memory is measured where it can be measured exactly:
 * weights: the bytes of every parameter and buffer as stored (quantized storage and its scales included),
   from :func:`earthmind_compat.optimize.memory_bytes`;
 * activations kept for the backward pass: the bytes of every distinct tensor autograd saves during the
-  forward, counted with ``torch.autograd.graph.saved_tensors_hooks`` (the memory that activation
-  checkpointing removes); weights that autograd saves are not counted twice;
+  forward, counted with ``torch.autograd.graph.saved_tensors_hooks`` by the memory planner's own counter,
+  :func:`earthmind_compat.optimize.plan.saved_bytes` (the memory that activation checkpointing removes);
+  weights that autograd saves are not counted twice;
 * on CUDA, in addition, the allocator's real peak (``torch.cuda.max_memory_allocated``).
 """
 
@@ -21,6 +22,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from earthmind_compat.optimize.plan import saved_bytes
+from earthmind_compat.optimize.quantize import weight_storages
 
 #: The techniques a benchmark sweep covers, in table order.
 BENCHMARK_TECHNIQUES = ("none", "int8", "nf4", "lora", "ckpt", "qlora")
@@ -170,24 +174,11 @@ def make_step(model: nn.Module, mode: str, x: torch.Tensor | dict) -> Callable[[
 def saved_activation_bytes(model: nn.Module, x: torch.Tensor | dict) -> int:
     """Bytes of the distinct tensors autograd saves for backward in one training forward of ``model``.
 
-    Parameters and buffers saved by autograd are excluded (they are counted as weights).
+    Counted by :func:`earthmind_compat.optimize.plan.saved_bytes` (the planner's rule); the weights autograd
+    saves (parameters, their quantization state, buffers) are excluded: they are counted as weights.
     """
-    weights = {t.data_ptr() for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"}
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.layout == torch.strided and tensor.device.type != "meta":
-            storage = tensor.untyped_storage()
-            pointer = storage.data_ptr()
-            if pointer not in weights:
-                seen[pointer] = max(seen.get(pointer, 0), storage.nbytes())
-        return tensor
-
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = _loss(model(x))
-    del loss
-    return sum(seen.values())
+    return saved_bytes(lambda: _loss(model(x)), weight_storages(model))
 
 
 def _sync(device: str) -> None:

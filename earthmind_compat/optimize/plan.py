@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from torch import nn
 from earthmind_compat.errors import ConfigurationError
 from earthmind_compat.optimize.experts import is_fused_experts, quantize_experts
 from earthmind_compat.optimize.families import find_blocks, linear_paths, lora_targets
-from earthmind_compat.optimize.quantize import BLOCKSIZE_4BIT
+from earthmind_compat.optimize.quantize import BLOCKSIZE_4BIT, weight_storages
 from earthmind_compat.optimize.techniques import Techniques, parse_technique
 from earthmind_compat.sizes import parse_size
 
@@ -161,31 +162,25 @@ def _materialise(block: nn.Module) -> nn.Module:
     return block
 
 
-def saved_bytes(fn, exclude: set[int]) -> int:
-    """Bytes of the distinct storages autograd saves for backward while running ``fn()`` (not ``exclude``)."""
+def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while running ``fn()``.
+
+    Each storage is counted once, however many saved tensors view it; storages in ``exclude`` (data pointers,
+    e.g. :func:`~earthmind_compat.optimize.quantize.weight_storages`: the weights, which are not activations)
+    and tensors without storage (meta, sparse) are not counted. The benchmarks measure with the same rule.
+    """
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in exclude:
-            storages[storage.data_ptr()] = storage.nbytes()
+        if tensor.layout == torch.strided and tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in exclude:
+                storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         fn()
     return sum(storages.values())
-
-
-def _frozen_storages(module: nn.Module) -> set[int]:
-    from earthmind_compat.optimize.quantize import _quant_state_tensors
-
-    ptrs = set()
-    for p in module.parameters():
-        for t in [p, *_quant_state_tensors(p)]:
-            ptrs.add(t.untyped_storage().data_ptr())
-    for b in module.buffers():
-        ptrs.add(b.untyped_storage().data_ptr())
-    return ptrs
 
 
 def block_saved_bytes_growth(
@@ -224,7 +219,7 @@ def block_saved_bytes_growth(
         if targets:
             inject_adapter_in_model(LoraConfig(r=8, target_modules=targets), block)
     block.train()
-    exclude = _frozen_storages(block)
+    exclude = weight_storages(block)
     counts = []
     for n in (tokens, 2 * tokens, 3 * tokens):
         hidden = torch.randn(1, n, hidden_size, requires_grad=True)

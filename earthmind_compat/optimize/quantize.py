@@ -333,6 +333,23 @@ def _quant_state_tensors(param: torch.Tensor) -> list[torch.Tensor]:
     return [t for t in tensors if isinstance(t, torch.Tensor)]
 
 
+def _weight_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters, their quantization state (absmax, code tables, row scales) and buffers of ``module``."""
+    tensors: list[torch.Tensor] = []
+    for param in module.parameters():
+        tensors.append(param)
+        tensors += _quant_state_tensors(param)
+    return tensors + list(module.buffers())
+
+
+def weight_storages(module: nn.Module) -> set[int]:
+    """Data pointers of the storages of ``module``'s weights (see :func:`memory_bytes`), meta tensors left out.
+
+    What autograd saves from these is weights, not activations (:func:`earthmind_compat.optimize.plan.saved_bytes`).
+    """
+    return {t.untyped_storage().data_ptr() for t in _weight_tensors(module) if t.device.type != "meta"}
+
+
 def memory_bytes(module: nn.Module) -> int:
     """Bytes the module's weights occupy in memory, quantization state included, each storage counted once.
 
@@ -341,12 +358,7 @@ def memory_bytes(module: nn.Module) -> int:
     """
     seen: set[tuple[int, int]] = set()
     total = 0
-    tensors: list[torch.Tensor] = []
-    for param in module.parameters():
-        tensors.append(param)
-        tensors += _quant_state_tensors(param)
-    tensors += list(module.buffers())
-    for tensor in tensors:
+    for tensor in _weight_tensors(module):
         if tensor.device.type == "meta":
             size = tensor.numel() * tensor.element_size()
             key = (id(tensor), size)
