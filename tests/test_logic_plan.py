@@ -1,0 +1,166 @@
+"""Pure logic of the planner's byte counts (earthmind_compat.optimize.plan): quantized_weight_bytes, count_weights.
+
+Expected bytes are worked out by hand from the storage bitsandbytes keeps (tests/test_plan.py checks the same
+counts against really quantized models):
+
+- int8: one byte per weight plus one float32 scale per output row;
+- 4-bit: two weights per byte, a 16-entry float32 code table, one float32 absmax per block of 64 weights;
+- 4-bit with double quantization: the absmax become one byte each, plus one float32 absmax per 256 blocks,
+  a 256-entry float32 code table and a float32 offset.
+
+count_weights runs on a small module of known parameters; which layers take LoRA is fixed by replacing
+``lora_targets`` (the real family lookup needs a registered backbone).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import earthmind_compat.optimize.plan as plan_module
+from earthmind_compat.optimize.plan import count_weights, quantized_weight_bytes
+from earthmind_compat.optimize.techniques import parse_technique
+
+pytestmark = pytest.mark.numerics
+
+
+@pytest.mark.parametrize(
+    ("shape", "quantization", "double_quant", "expected"),
+    [
+        ((16, 32), "int8", False, 512 + 4 * 16),
+        ((3, 5), "int8", False, 15 + 12),
+        ((3, 5), "int8", True, 15 + 12),  # double quantization is a 4-bit notion
+        ((16, 32), "nf4", False, 256 + 64 + 4 * 8),
+        ((16, 32), "fp4", False, 256 + 64 + 4 * 8),
+        ((16, 32), "nf4", True, 256 + 64 + 8 + 4 * 1 + 1024 + 4),
+        ((3, 5), "nf4", False, 8 + 64 + 4),  # 15 weights: 8 bytes of codes, one block
+        ((3, 5), "fp4", True, 8 + 64 + 1 + 4 + 1024 + 4),
+        ((1, 64), "nf4", False, 32 + 64 + 4),
+        ((1, 65), "nf4", False, 33 + 64 + 8),  # one weight more: a second block
+        ((256, 257), "nf4", False, 32896 + 64 + 4 * 1028),
+        ((256, 257), "nf4", True, 32896 + 64 + 1028 + 4 * 5 + 1024 + 4),  # 1028 blocks: 5 nested blocks of 256
+        ((64, 1024), "nf4", True, 32768 + 64 + 1024 + 4 * 4 + 1024 + 4),  # 1024 blocks: exactly 4 nested blocks
+    ],
+)
+def test_quantized_weight_bytes(shape: tuple[int, int], quantization: str, double_quant: bool, expected: int) -> None:
+    assert quantized_weight_bytes(*shape, quantization, double_quant) == expected
+
+
+class _Experts(nn.Module):
+    """A fused expert stack as transformers 5.x lays it out: 3-D gate_up_proj / down_proj and an act_fn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.zeros(2, 8, 4))  # 2 experts of [8, 4]: 64 parameters
+        self.down_proj = nn.Parameter(torch.zeros(2, 4, 4))  # 2 experts of [4, 4]: 32 parameters
+        self.act_fn = nn.ReLU()
+
+
+class _Toy(nn.Module):
+    """181 parameters: 173 float32 and 8 bfloat16 (the norm)."""
+
+    def __init__(self, new_modules: bool = True) -> None:
+        super().__init__()
+        block = nn.Module()
+        block.q = nn.Linear(4, 6)  # weight [6, 4] = 24, bias 6
+        block.v = nn.Linear(6, 4, bias=False)  # weight [4, 6] = 24
+        block.norm = nn.LayerNorm(4, dtype=torch.bfloat16)  # 8 parameters of 2 bytes
+        self.blocks = nn.ModuleList([block])
+        moe = nn.Module()
+        moe.experts = nn.ModuleList([nn.Module()])
+        moe.experts[0].q = nn.Linear(4, 2, bias=False)  # weight [2, 4] = 8; named q, but an expert: no LoRA
+        self.moe = moe
+        self.fused = _Experts()  # 96
+        self.head = nn.Linear(4, 3)  # weight [3, 4] = 12, bias 3
+        if new_modules:
+            self.new_modules = ("head",)
+
+
+@pytest.fixture
+def toy(monkeypatch: pytest.MonkeyPatch) -> _Toy:
+    monkeypatch.setattr(plan_module, "lora_targets", lambda backbone: ("q", "v"))
+    return _Toy()
+
+
+FP32_BYTES = (181 - 8) * 4 + 8 * 2  # 708
+LORA_R2 = 2 * (4 + 6) + 2 * (6 + 4)  # blocks.0.q and blocks.0.v only: 40
+# int8 bytes of every nn.Linear weight ([6,4], [4,6], [2,4], [3,4]) and of each expert matrix
+INT8_LINEAR = (24 + 4 * 6) + (24 + 4 * 4) + (8 + 4 * 2) + (12 + 4 * 3)  # 128
+INT8_EXPERTS = 2 * (32 + 4 * 8) + 2 * (16 + 4 * 4)  # 192
+NF4_LINEAR = (12 + 64 + 4) + (12 + 64 + 4) + (4 + 64 + 4) + (6 + 64 + 4)  # 306
+NF4_EXPERTS = 2 * (16 + 64 + 4) + 2 * (8 + 64 + 4)  # 320
+DQ = 1 + 4 + 1024 + 4  # per matrix of one block, on top of codes and code table
+NF4_DQ_LINEAR = (12 + 64 + DQ) + (12 + 64 + DQ) + (4 + 64 + DQ) + (6 + 64 + DQ)
+NF4_DQ_EXPERTS = 2 * (16 + 64 + DQ) + 2 * (8 + 64 + DQ)
+UNQUANTIZED_REST = (6 + 3) * 4 + 8 * 2  # biases of q and head, and the bfloat16 norm: 52 bytes, 17 parameters
+QUANTIZED_PARAMETERS = 24 + 24 + 8 + 12 + 64 + 32  # 164
+
+
+@pytest.mark.parametrize(
+    ("technique", "lora_r", "expected"),
+    [
+        ("none", 8, {"weights": FP32_BYTES, "parameters": 181, "trainable": 181}),
+        ("ckpt", 8, {"weights": FP32_BYTES, "parameters": 181, "trainable": 181}),
+        # LoRA: adapters in float32; everything frozen except the adapters and the new head (12 + 3)
+        ("lora", 2, {"weights": FP32_BYTES + 4 * LORA_R2, "parameters": 181 + LORA_R2, "trainable": 15 + LORA_R2}),
+        ("lora", 8, {"weights": FP32_BYTES + 4 * 160, "parameters": 181 + 160, "trainable": 15 + 160}),
+        (
+            "int8",
+            8,
+            {
+                "weights": INT8_LINEAR + INT8_EXPERTS + UNQUANTIZED_REST,
+                "parameters": 181,
+                "trainable": 181 - QUANTIZED_PARAMETERS,
+            },
+        ),
+        (
+            "nf4+lora",
+            2,
+            {
+                "weights": NF4_LINEAR + NF4_EXPERTS + UNQUANTIZED_REST + 4 * LORA_R2,
+                "parameters": 181 + LORA_R2,
+                "trainable": 15 + LORA_R2,
+            },
+        ),
+        (
+            "fp4",
+            2,
+            {
+                "weights": NF4_LINEAR + NF4_EXPERTS + UNQUANTIZED_REST,
+                "parameters": 181,
+                "trainable": 181 - QUANTIZED_PARAMETERS,
+            },
+        ),
+        (
+            "nf4+dq",
+            8,
+            {
+                "weights": NF4_DQ_LINEAR + NF4_DQ_EXPERTS + UNQUANTIZED_REST,
+                "parameters": 181,
+                "trainable": 181 - QUANTIZED_PARAMETERS,
+            },
+        ),
+    ],
+)
+def test_count_weights(toy: _Toy, technique: str, lora_r: int, expected: dict[str, int]) -> None:
+    assert count_weights(toy, parse_technique(technique), lora_r=lora_r) == expected
+
+
+def test_count_weights_default_rank_is_8(toy: _Toy) -> None:
+    assert count_weights(toy, parse_technique("lora"))["parameters"] == 181 + 8 * (10 + 10)
+
+
+def test_lora_without_new_modules_trains_only_the_adapters(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan_module, "lora_targets", lambda backbone: ("q", "v"))
+    counted = count_weights(_Toy(new_modules=False), parse_technique("lora"), lora_r=2)
+    assert counted == {"weights": FP32_BYTES + 4 * LORA_R2, "parameters": 181 + LORA_R2, "trainable": LORA_R2}
+
+
+def test_a_shared_parameter_is_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan_module, "lora_targets", lambda backbone: ())
+    model = nn.Module()
+    model.a = nn.Linear(4, 4, bias=False)
+    model.b = nn.Linear(4, 4, bias=False)
+    model.b.weight = model.a.weight
+    assert count_weights(model, parse_technique("none")) == {"weights": 64, "parameters": 16, "trainable": 16}
