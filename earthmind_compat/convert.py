@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from earthmind_compat.errors import WeightsError
-from earthmind_compat.weights import checkpoint_keys, load_tensors, read_config, safetensors_files
+from earthmind_compat.weights import checkpoint_keys, load_tensors, open_safetensors, read_config, safetensors_files
 
 #: ``model_type`` values of EarthMind's released (remote-code) configs.
 REMOTE_MODEL_TYPES = ("sa2va_chat",)
@@ -178,17 +178,10 @@ class RemoteCheckpoint:
         out: dict[str, torch.Tensor] = {}
         files = safetensors_files(self.directory, allow_pickle=self.allow_pickle)
         if all(p.suffix == ".safetensors" for p in files):
-            from safetensors import SafetensorError, safe_open
-
             for path in files:
-                try:
-                    with safe_open(str(path), framework="pt") as handle:
-                        for key in wanted.intersection(handle.keys()):
-                            out[key] = handle.get_tensor(key)
-                except (SafetensorError, OSError, ValueError) as exc:
-                    raise WeightsError(
-                        f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}. Download it again."
-                    ) from None
+                with open_safetensors(path) as handle:
+                    for key in wanted.intersection(handle.keys()):
+                        out[key] = handle.get_tensor(key)
         else:
             out = {k: v for k, v in load_tensors(self.directory, ("",), self.allow_pickle).items() if k in wanted}
         return out

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from earthmind_compat.errors import UnsafeCheckpointError, WeightsError
+from earthmind_compat.errors import EarthMindCompatError, UnsafeCheckpointError, WeightsError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -135,6 +136,26 @@ def safetensors_files(directory: Path, allow_pickle: bool = False) -> list[Path]
     raise WeightsError(f"{directory} holds no *.safetensors file.")
 
 
+@contextmanager
+def open_safetensors(path: Path) -> Iterator[object]:
+    """``safetensors.safe_open`` of one file: tensors are read only when asked for (``handle.get_tensor``).
+
+    Raises:
+        WeightsError: if the file, or a tensor read from it inside the ``with`` block, is truncated or corrupt.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except EarthMindCompatError:
+        raise
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}. Download or save it again."
+        ) from None
+
+
 def load_tensors(
     directory: Path, prefixes: Iterable[str] = ("",), allow_pickle: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -164,15 +185,8 @@ def load_tensors(
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise WeightsError(
-                f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}. Download or save it again."
-            ) from None
+        with open_safetensors(path) as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118  (not a dict)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
@@ -192,16 +206,8 @@ def checkpoint_keys(directory: Path, allow_pickle: bool = False) -> list[str]:
     keys: list[str] = []
     for path in safetensors_files(directory, allow_pickle=allow_pickle):
         if path.suffix == ".safetensors":
-            from safetensors import SafetensorError, safe_open
-
-            try:
-                with safe_open(str(path), framework="pt") as handle:
-                    keys.extend(handle.keys())
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise WeightsError(
-                    f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}. "
-                    "Download or save it again."
-                ) from None
+            with open_safetensors(path) as handle:
+                keys.extend(handle.keys())
         else:
             keys.extend(_read_file(path))
     return keys
@@ -235,18 +241,11 @@ def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
 
     Returns an empty dict for pickle checkpoints, whose shapes cannot be read without loading them.
     """
-    from safetensors import SafetensorError, safe_open
-
     shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(directory.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118  (a safetensors handle is not a dict)
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise WeightsError(
-                f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}. Download or save it again."
-            ) from None
+        with open_safetensors(path) as handle:
+            for key in handle.keys():  # noqa: SIM118  (a safetensors handle is not a dict)
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
     return shapes
 
 
