@@ -7,17 +7,17 @@ runs it, and raises if anything is wrong; it returns a short detail string for t
 from __future__ import annotations
 
 import json
-import platform
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from earthmind_compat.backbones import BACKBONE_BUILDERS
+from earthmind_compat.bench.report import align_columns
+from earthmind_compat.compat import installed_versions
 from earthmind_compat.errors import unknown_name
 
 #: Input side in pixels used at the tiny preset, per backbone (a multiple of its patch size).
@@ -147,17 +147,6 @@ class Row:
     seconds: float
 
 
-def installed_versions() -> dict[str, str]:
-    """Versions of Python and of the packages a matrix cell is defined by."""
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "terratorch", "transformers", "bitsandbytes", "peft", "earthmind-compat"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
 def validate_names(backbones: Sequence[str], features: Sequence[str]) -> None:
     """Raise :class:`UnknownNameError` (with the closest names) for an unknown backbone or feature."""
     for name in backbones:
@@ -210,13 +199,9 @@ def run_checks(
 def format_table(rows: Sequence[Row]) -> str:
     """Render rows as a plain-text table."""
     header = ("backbone", "feature", "status", "seconds", "detail")
-    body = [(r.backbone, r.feature, r.status.upper(), f"{r.seconds:.2f}", r.detail) for r in rows]
-    widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(4)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header[:4], widths, strict=True)) + "  " + header[4]]
-    lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
-    for line in body:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(line[:4], widths, strict=True)) + "  " + line[4])
-    return "\n".join(lines)
+    return align_columns(
+        header, [(r.backbone, r.feature, r.status.upper(), f"{r.seconds:.2f}", r.detail) for r in rows]
+    )
 
 
 def report(rows: Sequence[Row]) -> dict:

@@ -7,6 +7,7 @@ The ranges below are the lowest and highest versions of the cells that run in ``
 
 from __future__ import annotations
 
+import platform
 import warnings
 from importlib import metadata
 
@@ -30,6 +31,14 @@ def installed_version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
+
+
+def installed_versions() -> dict[str, str]:
+    """Versions of Python and of the packages a matrix cell is defined by (``"not installed"`` if absent)."""
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "terratorch", "transformers", "bitsandbytes", "peft", "earthmind-compat"):
+        versions[package] = installed_version(package) or "not installed"
+    return versions
 
 
 def untested_versions(versions: dict[str, str | None] | None = None) -> list[str]:

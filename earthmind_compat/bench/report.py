@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from earthmind_compat.bench.measure import Measurement
-from earthmind_compat.check import installed_versions
+from earthmind_compat.compat import installed_versions
 
 
 def _mib(value: int | None) -> str:
