@@ -335,6 +335,83 @@ def hypothesis_dev(session: nox.Session) -> None:
     session.run("pytest", "-m", "shapes", "-p", "no:randomly", *session.posargs, env={"HYPOTHESIS_PROFILE": "dev"})
 
 
+#: Mutation testing (issue 14, item 5): the functions with pure logic, as mutmut mutant-name patterns, by module.
+#: mutmut mutates the files listed under [tool.mutmut] in pyproject.toml; only these functions are run.
+MUTMUT = "mutmut==3.8.1"
+MUTATION_TARGETS: dict[str, list[str]] = {
+    "sizes": ["earthmind_compat.sizes.*"],
+    "bands": ["earthmind_compat.bands.*"],
+    "arguments": ["earthmind_compat.arguments.*"],
+    "optimize.techniques": ["earthmind_compat.optimize.techniques.*"],
+    "optimize.options": ["earthmind_compat.optimize.options.*"],
+    "backbones.state_match": ["earthmind_compat.backbones.state_match.*"],
+    "necks": ["earthmind_compat.necks.*"],
+    # the key map (it moved from earthmind_compat.convert to earthmind_compat.backbones.convert)
+    "convert (key map)": [
+        f"earthmind_compat.{module}.x_{function}__mutmut_*"
+        for module in ("convert", "backbones.convert")
+        for function in ("is_remote_config", "plan_keys", "_listing", "convert_checkpoint", "split_layout")
+    ],
+    "optimize.plan (byte counts)": [
+        f"earthmind_compat.optimize.plan.x_{function}__mutmut_*"
+        for function in ("quantized_weight_bytes", "_lora_params", "count_weights")
+    ],
+}
+
+
+@nox.session(python=REFERENCE.python, venv_backend="uv|virtualenv")
+def mutation(session: nox.Session) -> None:
+    """mutmut on the modules with pure logic; prints killed / survived / timeout per module and the survivors.
+
+    Runs in a fresh copy of the tree under .nox/ (mutmut writes ``mutants/`` next to pyproject.toml), with the
+    fast tests of ``[tool.mutmut] pytest_add_cli_args_test_selection``. ``-- N`` sets mutmut's --max-children
+    (default 2); ``-- N PATTERN...`` runs only the mutants matching the patterns.
+    """
+    import fnmatch
+    import shutil
+    from collections import Counter
+
+    _reference_install(session)
+    session.install(MUTMUT)
+    work = Path(session.create_tmp()).resolve() / "tree"
+    shutil.rmtree(work, ignore_errors=True)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
+    for name in ("earthmind_compat", "tests", "matrices"):
+        shutil.copytree(ROOT / name, work / name, ignore=skip)
+    for name in ("pyproject.toml", "earthmind_compat_launcher.py"):
+        shutil.copy2(ROOT / name, work / name)
+    children = session.posargs[0] if session.posargs else "2"
+    patterns = session.posargs[1:] or [p for group in MUTATION_TARGETS.values() for p in group]
+    started = time.monotonic()
+    with session.chdir(work):
+        session.run(
+            "mutmut", "run", "--max-children", children, *patterns, env={"HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+        )
+    elapsed = time.monotonic() - started
+
+    # mutmut's own reading of a mutant's exit code (mutmut/stats.py, 3.8)
+    status = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped"}
+    status.update({36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", None: "not checked"})
+    results: dict[str, int | None] = {}
+    for meta in (work / "mutants").rglob("*.meta"):
+        results.update(json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"])
+    columns = ("killed", "survived", "timeout", "suspicious", "no tests", "not checked")
+    session.log(f"{'module':30} {'mutants':>7} " + " ".join(f"{c:>11}" for c in columns) + "   killed %")
+    survivors = []
+    for module, group in MUTATION_TARGETS.items():
+        keys = sorted(k for k in results if any(fnmatch.fnmatch(k, p) for p in group))
+        if not keys:
+            continue
+        counts = Counter(status.get(results[k], "suspicious") for k in keys)
+        survivors += [k for k in keys if status.get(results[k]) in ("survived", "no tests")]
+        score = 100 * counts["killed"] / len(keys)
+        session.log(f"{module:30} {len(keys):>7} " + " ".join(f"{counts[c]:>11}" for c in columns) + f"   {score:7.1f}")
+    session.log(f"{len(survivors)} survivors (equivalent ones are listed with reasons in the mutation report):")
+    for key in survivors:
+        session.log(f"  {key}")
+    session.log(f"mutation run: {elapsed:.0f} s; inspect one with: cd {work} && mutmut show <name>")
+
+
 @nox.session(python=REFERENCE.python)
 def render(session: nox.Session) -> None:
     """README table, badges and heatmap from the committed results (``-- --check`` only compares)."""
