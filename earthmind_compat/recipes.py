@@ -16,6 +16,9 @@ Chains (``p`` = ``backbone.patch_size``, ``cls`` = ``backbone.has_cls_token``, K
   (x4, x2, x1, x0.5);
 - ``FCNDecoder``, ``IdentityDecoder``, ``LinearDecoder`` and classification / scalar regression
   (``IdentityDecoder`` into TerraTorch's ``ScalarHead``, which averages over positions): nothing more.
+
+What the recipes know of each neck and decoder is data: :data:`NECK_RULES` and :data:`DECODER_RULES`, each
+rule with the checks :func:`check_chain` runs for it. A new neck or decoder is one entry there.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from terratorch.registry import DECODER_REGISTRY, NECK_REGISTRY
 from torch import nn
 
-from earthmind_compat.errors import ConfigurationError, EarthMindCompatError, unknown_name
+from earthmind_compat.compat import factory_takes_num_outputs, factory_tasks, installed_version
+from earthmind_compat.errors import ConfigurationError, EarthMindCompatError, did_you_mean, unknown_name
 
 #: TerraTorch task names, and the decoder each uses when none is given.
 DEFAULT_DECODER: dict[str, str] = {
@@ -38,12 +43,9 @@ DEFAULT_DECODER: dict[str, str] = {
 }
 SCALAR_TASKS = ("classification", "scalar_regression")
 
-#: Necks that turn tokens into maps, pool them into vectors, or need maps as input.
-_TOKENS_TO_MAPS = {"TokensToGrid", "ReshapeTokensToImage"}
-_POOLING = {"AggregateTokens"}
-_PYRAMID = {"LearnedInterpolateToPyramidal", "InterpolateToPyramidal", "MaxpoolToPyramidal"}
-_NEED_MAPS = _PYRAMID | {"AddBottleneckLayer", "FeaturePyramidNetworkNeck"}
-_KEEP_KIND = {"SelectIndices", "ProjectChannels"}
+#: What a feature list is, as necks and decoders see it: ``[B, N, C]`` tokens, ``[B, C, H, W]`` maps, pooled
+#: ``[B, C]`` vectors, or unknown (after a neck without a rule, where the form checks end).
+TOKENS, MAPS, VECTORS, UNKNOWN = "tokens", "maps", "vectors", "unknown"
 
 
 @dataclass(frozen=True)
@@ -112,25 +114,210 @@ def spread_indices(count: int, wanted: int = 4) -> list[int]:
     return [round(i * (count - 1) / (wanted - 1)) for i in range(wanted)]
 
 
+# -- the rule tables: what each neck and decoder needs, as data with its own checks --------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a chain being checked: a neck or the decoder, and the features that reach it.
+
+    Attributes:
+        layout: The backbone's :class:`FeatureLayout`.
+        where: The step, for messages (``"Neck 1 (SelectIndices)"`` or the decoder's name).
+        arguments: The neck's or the decoder's arguments.
+        kind: :data:`TOKENS`, :data:`MAPS`, :data:`VECTORS` or :data:`UNKNOWN`: the features reaching it.
+        channels: Their channels.
+        pyramid: Whether they form a halving pyramid.
+        hint: The recommended chain, in a sentence to append to a message (or ``""``).
+    """
+
+    layout: FeatureLayout
+    where: str
+    arguments: Mapping
+    kind: str
+    channels: list[int]
+    pyramid: bool
+    hint: str
+
+
+#: A check of one rule: raises :class:`ConfigurationError` naming the fix when the step cannot work.
+Check = Callable[[Step], None]
+
+
+def _grid_from_tokens(step: Step) -> str:
+    layout = step.layout
+    return f"TokensToGrid(patch_size={layout.patch_size}, cls_token={layout.has_cls_token})"
+
+
+def _tokens_to_grid_fits(step: Step) -> None:
+    """TokensToGrid on tokens: its ``cls_token`` and ``patch_size`` are the backbone's."""
+    layout, arguments = step.layout, step.arguments
+    if step.kind != TOKENS:
+        return
+    if arguments.get("cls_token", False) != layout.has_cls_token:
+        raise ConfigurationError(
+            f"{step.where} has cls_token={arguments.get('cls_token', False)} but backbone.has_cls_token is "
+            f"{layout.has_cls_token}; set cls_token: {str(layout.has_cls_token).lower()}."
+        )
+    if arguments.get("patch_size") != layout.patch_size:
+        raise ConfigurationError(
+            f"{step.where} has patch_size={arguments.get('patch_size')} but the backbone's patch size is "
+            f"{layout.patch_size}; set patch_size: {layout.patch_size}."
+        )
+
+
+def _reshape_tokens_fits(step: Step) -> None:
+    """TerraTorch's ReshapeTokensToImage on tokens: it removes a CLS token exactly when there is one."""
+    layout = step.layout
+    if step.kind != TOKENS:
+        return
+    remove = step.arguments.get("remove_cls_token", True)
+    if bool(remove) != layout.has_cls_token:
+        state = "has a CLS token" if layout.has_cls_token else "has no CLS token"
+        raise ConfigurationError(
+            f"{step.where} has remove_cls_token={remove} but the backbone {state}: TerraTorch would drop a patch "
+            "token (or keep the CLS token) and reshape into a wrong grid, silently when the count happens to be "
+            f"square. Use {_grid_from_tokens(step)}.{step.hint}"
+        )
+    if layout.merged_last:
+        raise ConfigurationError(
+            f"{step.where} cannot reshape the projector's merged tokens next to the tower's (it removes the CLS "
+            f"token from every feature). Use TokensToGrid.{step.hint}"
+        )
+
+
+def _needs_maps(step: Step) -> None:
+    """The neck works on image-shaped maps."""
+    if step.kind != MAPS:
+        raise ConfigurationError(
+            f"{step.where} needs image-shaped maps [B, C, H, W] but gets {step.kind}; put "
+            f"{_grid_from_tokens(step)} before it.{step.hint}"
+        )
+
+
+def _four_features(step: Step) -> None:
+    """LearnedInterpolateToPyramidal builds its four scales from exactly four features."""
+    if len(step.channels) != 4:
+        raise ConfigurationError(
+            f"{step.where} needs exactly 4 features but gets {len(step.channels)}; put "
+            f"SelectIndices(indices={spread_indices(len(step.channels))}) before it or use 4 out_indices.{step.hint}"
+        )
+
+
+def _wide_enough(step: Step) -> None:
+    """LearnedInterpolateToPyramidal divides the first two features' channels by 4 and by 2."""
+    if min(step.channels[:2]) < 4:
+        raise ConfigurationError(
+            f"{step.where} divides the first two features' channels by 4 and 2; {step.channels[:2]} is too narrow. "
+            "Use width >= 4."
+        )
+
+
+def _indices_in_range(step: Step) -> None:
+    """SelectIndices picks existing features."""
+    indices, count = step.arguments.get("indices"), len(step.channels)
+    if (
+        not isinstance(indices, Sequence)
+        or not indices
+        or any(isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count for i in indices)
+    ):
+        raise ConfigurationError(
+            f"{step.where} has indices={indices!r}; there are {count} features, so use a non-empty list of "
+            f"integers in {-count}..{count - 1}."
+        )
+
+
+def _needs_pyramid(step: Step) -> None:
+    """The decoder reads a halving pyramid of maps."""
+    if not step.pyramid:
+        raise ConfigurationError(
+            f"{step.where} needs a halving pyramid of maps, but the necks keep every map at the patch grid; add "
+            "LearnedInterpolateToPyramidal (after SelectIndices to 4 features)." + step.hint
+        )
+
+
+def _one_unet_channel_per_feature(step: Step) -> None:
+    """UNetDecoder takes one decoder channel entry per feature."""
+    channels = step.arguments.get("channels")
+    if not isinstance(channels, Sequence) or len(channels) != len(step.channels):
+        raise ConfigurationError(
+            f"UNetDecoder needs one decoder channel entry per feature: {len(step.channels)} features reach it, "
+            f"channels={channels!r}; e.g. decoder_channels: "
+            f"{[max(1, 256 >> i) for i in range(len(step.channels))]}." + step.hint
+        )
+
+
+def _linear_decoder_arguments(step: Step) -> None:
+    """LinearDecoder gets ``upsampling_size`` and ``num_classes`` as decoder arguments."""
+    missing = [k for k in ("upsampling_size", "num_classes") if k not in step.arguments]
+    if missing:
+        raise ConfigurationError(
+            f"LinearDecoder needs decoder_{' and decoder_'.join(missing)}: upsampling_size = the patch size "
+            f"{step.layout.patch_size} gives the input's size, and TerraTorch's factory does not pass num_classes "
+            "to this decoder itself." + step.hint
+        )
+
+
+def _to_maps(kind: str) -> str:
+    return MAPS if kind in (TOKENS, MAPS) else kind
+
+
+@dataclass(frozen=True)
+class NeckRule:
+    """What a neck needs and does to the features, for :func:`check_chain`.
+
+    Attributes:
+        checks: Run in order before the neck is built.
+        becomes: The kind of features it returns, from the kind it gets (unchanged by default).
+        pyramid: It returns a halving pyramid.
+    """
+
+    checks: tuple[Check, ...] = ()
+    becomes: Callable[[str], str] = field(default=lambda kind: kind)
+    pyramid: bool = False
+
+
+#: Necks whose effect :func:`check_chain` follows; any other registered neck ends the form checks.
+NECK_RULES: dict[str, NeckRule] = {
+    "TokensToGrid": NeckRule(checks=(_tokens_to_grid_fits,), becomes=_to_maps),
+    "ReshapeTokensToImage": NeckRule(checks=(_reshape_tokens_fits,), becomes=_to_maps),
+    "AggregateTokens": NeckRule(becomes=lambda kind: VECTORS),
+    "LearnedInterpolateToPyramidal": NeckRule(checks=(_needs_maps, _four_features, _wide_enough), pyramid=True),
+    "InterpolateToPyramidal": NeckRule(checks=(_needs_maps,), pyramid=True),
+    "MaxpoolToPyramidal": NeckRule(checks=(_needs_maps,), pyramid=True),
+    "AddBottleneckLayer": NeckRule(checks=(_needs_maps,)),
+    "FeaturePyramidNetworkNeck": NeckRule(checks=(_needs_maps,)),
+    "SelectIndices": NeckRule(checks=(_indices_in_range,)),
+    "ProjectChannels": NeckRule(),
+}
+_UNKNOWN_NECK = NeckRule(becomes=lambda kind: UNKNOWN)
+
+
 @dataclass(frozen=True)
 class DecoderRule:
     """How a decoder is fed.
 
     Attributes:
-        pyramid: Needs a halving pyramid of 4 maps (built by ``LearnedInterpolateToPyramidal``).
+        pyramid: The recommended chain builds a halving pyramid of 4 maps (``LearnedInterpolateToPyramidal``).
         defaults: Decoder arguments from (backbone layout, decoder width, number of classes or outputs).
+        checks: What :func:`check_chain` checks of the maps reaching it (for pixel-wise tasks), in order.
     """
 
     pyramid: bool = False
     defaults: Callable[[FeatureLayout, int, int | None], dict] = field(default=lambda layout, width, outputs: {})
+    checks: tuple[Check, ...] = ()
 
 
 #: Decoders with a recommended chain. Any other ``smp_<Name>`` decoder is fed like ``smp_FPN``.
 DECODER_RULES: dict[str, DecoderRule] = {
     "FCNDecoder": DecoderRule(defaults=lambda layout, width, outputs: {"channels": width}),
+    # A pyramid is recommended but not required: UperNet's FPN also merges four maps of one size, as
+    # TerraTorch's own ViT configurations feed it.
     "UperNetDecoder": DecoderRule(pyramid=True, defaults=lambda layout, width, outputs: {"channels": width}),
     "UNetDecoder": DecoderRule(
-        pyramid=True, defaults=lambda layout, width, outputs: {"channels": [max(1, width >> i) for i in range(4)]}
+        pyramid=True,
+        defaults=lambda layout, width, outputs: {"channels": [max(1, width >> i) for i in range(4)]},
+        checks=(_needs_pyramid, _one_unet_channel_per_feature),
     ),
     "IdentityDecoder": DecoderRule(),
     # TerraTorch's factory never hands num_classes to LinearDecoder (it reads includes_head from the registry,
@@ -138,7 +325,8 @@ DECODER_RULES: dict[str, DecoderRule] = {
     "LinearDecoder": DecoderRule(
         defaults=lambda layout, width, outputs: (
             {"upsampling_size": layout.patch_size} | ({"num_classes": outputs} if outputs else {})
-        )
+        ),
+        checks=(_linear_decoder_arguments,),
     ),
     "smp_FPN": DecoderRule(
         pyramid=True,
@@ -148,8 +336,15 @@ DECODER_RULES: dict[str, DecoderRule] = {
             "decoder_pyramid_channels": width,
             "decoder_segmentation_channels": 32 * max(2, width // 64),
         },
+        checks=(_needs_pyramid,),
     ),
 }
+#: The rule of every other ``smp_<Name>`` decoder of TerraTorch's registry.
+SMP_RULE = DecoderRule(pyramid=True, checks=(_needs_pyramid,))
+
+
+def _known_rule(decoder: str) -> DecoderRule | None:
+    return DECODER_RULES.get(decoder) or (SMP_RULE if decoder.startswith("smp_") else None)
 
 
 def decoder_rule(decoder: str) -> DecoderRule:
@@ -158,14 +353,12 @@ def decoder_rule(decoder: str) -> DecoderRule:
     Raises:
         UnknownNameError: for a decoder without a recommended chain, with the closest names.
     """
-    if decoder in DECODER_RULES:
-        return DECODER_RULES[decoder]
-    if decoder.startswith("smp_"):
-        from terratorch.registry import DECODER_REGISTRY
-
-        if decoder in DECODER_REGISTRY:
-            return DecoderRule(pyramid=True)
-    raise unknown_name("decoder", decoder, DECODER_RULES)
+    rule = _known_rule(decoder)
+    if rule is SMP_RULE and decoder not in DECODER_REGISTRY:
+        rule = None
+    if rule is None:
+        raise unknown_name("decoder", decoder, DECODER_RULES)
+    return rule
 
 
 @dataclass
@@ -197,8 +390,6 @@ class Recipe:
 
 
 def _check_task(task: str) -> str:
-    from earthmind_compat.compat import factory_tasks, installed_version
-
     if task not in DEFAULT_DECODER:
         raise unknown_name("task", task, DEFAULT_DECODER)
     if task not in factory_tasks():
@@ -211,8 +402,6 @@ def _check_task(task: str) -> str:
 
 def _output_arguments(task: str, num_classes: int | None, num_outputs: int | None) -> dict:
     """``num_classes`` / ``num_outputs`` for the installed factory (TerraTorch 1.0 has no ``num_outputs``)."""
-    from earthmind_compat.compat import factory_takes_num_outputs, installed_version
-
     if num_outputs is None:
         return {"num_classes": num_classes} if task in ("segmentation", "classification") else {}
     if factory_takes_num_outputs():
@@ -275,11 +464,11 @@ def recommend(
             indices = spread_indices(len(channels))
             necks.append({"name": "SelectIndices", "indices": indices})
             channels = [channels[i] for i in indices]
-        if min(channels[:2]) < 4:
-            raise ConfigurationError(
-                f"{decoder} is fed through LearnedInterpolateToPyramidal, which divides the first two features' "
-                f"channels by 4 and 2; {channels[:2]} is too narrow. Use width >= 4."
+        _wide_enough(
+            Step(
+                layout, f"{decoder} is fed through LearnedInterpolateToPyramidal, which", {}, MAPS, channels, False, ""
             )
+        )
         necks.append({"name": "LearnedInterpolateToPyramidal"})
     if decoder_width is None:
         decoder_width = min(256, max(channels))
@@ -291,8 +480,6 @@ def recommend(
 
 
 def _neck_names() -> list[str]:
-    from terratorch.registry import NECK_REGISTRY
-
     return sorted({name for source in NECK_REGISTRY.keys() for name in NECK_REGISTRY[source]})  # noqa: SIM118
 
 
@@ -331,12 +518,10 @@ def check_chain(
         ConfigurationError: for an impossible combination.
         UnknownNameError: for an unknown neck or task name.
     """
-    from terratorch.registry import NECK_REGISTRY
-
     task = _check_task(task)
     decoder_kwargs = dict(decoder_kwargs or {})
     hint = _fix_hint(layout, decoder, task)
-    kind = "tokens"
+    kind = TOKENS
     pyramid = False
     channels = list(layout.out_channels)
     for position, spec in enumerate(necks):
@@ -347,61 +532,9 @@ def check_chain(
         if name not in NECK_REGISTRY:
             raise unknown_name("neck", name, _neck_names())
         where = f"Neck {position} ({name})"
-        if name == "ReshapeTokensToImage" and kind == "tokens":
-            remove = arguments.get("remove_cls_token", True)
-            if bool(remove) != layout.has_cls_token:
-                state = "has a CLS token" if layout.has_cls_token else "has no CLS token"
-                raise ConfigurationError(
-                    f"{where} has remove_cls_token={remove} but the backbone {state}: TerraTorch would drop a "
-                    "patch token (or keep the CLS token) and reshape into a wrong grid, silently when the count "
-                    f"happens to be square. Use TokensToGrid(patch_size={layout.patch_size}, "
-                    f"cls_token={layout.has_cls_token}).{hint}"
-                )
-            if layout.merged_last:
-                raise ConfigurationError(
-                    f"{where} cannot reshape the projector's merged tokens next to the tower's (it removes the "
-                    f"CLS token from every feature). Use TokensToGrid.{hint}"
-                )
-        if name == "TokensToGrid" and kind == "tokens":
-            if arguments.get("cls_token", False) != layout.has_cls_token:
-                raise ConfigurationError(
-                    f"{where} has cls_token={arguments.get('cls_token', False)} but backbone.has_cls_token is "
-                    f"{layout.has_cls_token}; set cls_token: {str(layout.has_cls_token).lower()}."
-                )
-            if arguments.get("patch_size") != layout.patch_size:
-                raise ConfigurationError(
-                    f"{where} has patch_size={arguments.get('patch_size')} but the backbone's patch size is "
-                    f"{layout.patch_size}; set patch_size: {layout.patch_size}."
-                )
-        if name in _NEED_MAPS and kind != "maps":
-            raise ConfigurationError(
-                f"{where} needs image-shaped maps [B, C, H, W] but gets {kind}; put TokensToGrid "
-                f"(patch_size={layout.patch_size}, cls_token={layout.has_cls_token}) before it.{hint}"
-            )
-        if name == "LearnedInterpolateToPyramidal":
-            if len(channels) != 4:
-                raise ConfigurationError(
-                    f"{where} needs exactly 4 features but gets {len(channels)}; put "
-                    f"SelectIndices(indices={spread_indices(len(channels))}) before it or use 4 out_indices.{hint}"
-                )
-            if min(channels[:2]) < 4:
-                raise ConfigurationError(
-                    f"{where} divides the first two features' channels by 4 and 2; {channels[:2]} is too narrow."
-                )
-        if name == "SelectIndices":
-            indices = arguments.get("indices")
-            if (
-                not isinstance(indices, Sequence)
-                or not indices
-                or any(
-                    isinstance(i, bool) or not isinstance(i, int) or not -len(channels) <= i < len(channels)
-                    for i in indices
-                )
-            ):
-                raise ConfigurationError(
-                    f"{where} has indices={indices!r}; there are {len(channels)} features, so use a non-empty list "
-                    f"of integers in {-len(channels)}..{len(channels) - 1}."
-                )
+        rule = NECK_RULES.get(name, _UNKNOWN_NECK)
+        for check in rule.checks:
+            check(Step(layout, where, arguments, kind, channels, pyramid, hint))
         try:
             neck = NECK_REGISTRY.build(name, list(channels), **arguments)
             channels = list(neck.process_channel_list(list(channels)))
@@ -411,65 +544,32 @@ def check_chain(
             raise ConfigurationError(
                 f"{where} could not be built for features with channels {channels}: {type(exc).__name__}: {exc}"
             ) from exc
-        if name in _TOKENS_TO_MAPS:
-            kind = "maps" if kind in ("tokens", "maps") else kind
-        elif name in _POOLING:
-            kind = "vectors"
-        elif name in _PYRAMID:
-            pyramid = True
-        elif name not in _KEEP_KIND and name not in _NEED_MAPS:
-            kind = "unknown"
-    _check_decoder(layout, decoder, task, decoder_kwargs, kind, pyramid, channels, hint)
+        kind = rule.becomes(kind)
+        pyramid = pyramid or rule.pyramid
+    _check_decoder(Step(layout, decoder, decoder_kwargs, kind, channels, pyramid, hint), task)
     return channels
 
 
-def _check_decoder(
-    layout: FeatureLayout,
-    decoder: str,
-    task: str,
-    decoder_kwargs: dict,
-    kind: str,
-    pyramid: bool,
-    channels: list[int],
-    hint: str,
-) -> None:
-    if kind == "unknown":
+def _check_decoder(step: Step, task: str) -> None:
+    """What the task's head needs of the features, then the decoder's own checks (pixel-wise tasks)."""
+    if step.kind == UNKNOWN:
         return
     if task in SCALAR_TASKS:
-        if kind == "tokens":
+        if step.kind == TOKENS:
             raise ConfigurationError(
                 f"{task} would feed [B, N, C] tokens to TerraTorch's ScalarHead, which treats dimension 1 as "
-                "channels (N tokens, not C); put TokensToGrid (or AggregateTokens) first." + hint
+                "channels (N tokens, not C); put TokensToGrid (or AggregateTokens) first." + step.hint
             )
         return
-    if kind != "maps":
-        what = "[B, N, C] tokens" if kind == "tokens" else "pooled [B, C] vectors"
+    if step.kind != MAPS:
+        what = "[B, N, C] tokens" if step.kind == TOKENS else "pooled [B, C] vectors"
         raise ConfigurationError(
-            f"{decoder} for {task} needs image-shaped maps [B, C, H, W] but the necks give {what}; "
-            f"put TokensToGrid(patch_size={layout.patch_size}, cls_token={layout.has_cls_token}) first.{hint}"
+            f"{step.where} for {task} needs image-shaped maps [B, C, H, W] but the necks give {what}; "
+            f"put {_grid_from_tokens(step)} first.{step.hint}"
         )
-    rule = DECODER_RULES.get(decoder) or (DecoderRule(pyramid=True) if decoder.startswith("smp_") else None)
-    if rule is not None and rule.pyramid and not pyramid and decoder != "UperNetDecoder":
-        raise ConfigurationError(
-            f"{decoder} needs a halving pyramid of maps, but the necks keep every map at the patch grid; add "
-            "LearnedInterpolateToPyramidal (after SelectIndices to 4 features)." + hint
-        )
-    if decoder == "UNetDecoder":
-        unet_channels = decoder_kwargs.get("channels")
-        if not isinstance(unet_channels, Sequence) or len(unet_channels) != len(channels):
-            raise ConfigurationError(
-                f"UNetDecoder needs one decoder channel entry per feature: {len(channels)} features reach it, "
-                f"channels={unet_channels!r}; e.g. decoder_channels: "
-                f"{[max(1, 256 >> i) for i in range(len(channels))]}." + hint
-            )
-    if decoder == "LinearDecoder":
-        missing = [k for k in ("upsampling_size", "num_classes") if k not in decoder_kwargs]
-        if missing:
-            raise ConfigurationError(
-                f"LinearDecoder needs decoder_{' and decoder_'.join(missing)}: upsampling_size = the patch size "
-                f"{layout.patch_size} gives the input's size, and TerraTorch's factory does not pass num_classes "
-                "to this decoder itself." + hint
-            )
+    rule = _known_rule(step.where)
+    for check in rule.checks if rule is not None else ():
+        check(step)
 
 
 # -- building -----------------------------------------------------------------------------------------------
@@ -520,6 +620,8 @@ def build_model(
         ConfigurationError: for an impossible combination or missing arguments.
         UnknownNameError: for an unknown backbone, decoder, neck or task name.
     """
+    # deferred: importing earthmind_compat from TerraTorch's custom_modules happens while terratorch.models is
+    # still being imported
     from terratorch.models import EncoderDecoderFactory
 
     from earthmind_compat.registry import build_backbone
@@ -550,11 +652,8 @@ def build_model(
         chain = recipe.necks
         arguments = {**recipe.decoder_kwargs, **dict(decoder_kwargs or {})}
     else:
-        if decoder not in DECODER_RULES:
-            from terratorch.registry import DECODER_REGISTRY
-
-            if decoder not in DECODER_REGISTRY:
-                raise unknown_name("decoder", decoder, DECODER_RULES)
+        if decoder not in DECODER_RULES and decoder not in DECODER_REGISTRY:
+            raise unknown_name("decoder", decoder, DECODER_RULES)
         chain = [dict(spec) for spec in necks]
         arguments = dict(decoder_kwargs or {})
     check_chain(layout, chain, decoder, task, arguments)
@@ -668,8 +767,6 @@ class RecipeFactory:
             else:
                 unknown.append(key)
         if unknown:
-            from earthmind_compat.errors import did_you_mean
-
             hints = "".join(did_you_mean(k, self._OPTIONS) for k in unknown)
             raise ConfigurationError(
                 f"RecipeFactory got unknown model_args {sorted(unknown)}.{hints} Valid: backbone, decoder, "
