@@ -11,7 +11,8 @@ from earthmind_compat.compat import UntestedVersionWarning, require_native_model
 
 require_native_model_classes()
 
-from earthmind_compat.backbones import BACKBONE_BUILDERS, GraniteBackbone, InternVLBackbone  # noqa: E402
+from earthmind_compat.backbones import BACKBONE_CLASSES, GraniteBackbone, InternVLBackbone  # noqa: E402
+from earthmind_compat.builders import build_backbone  # noqa: E402
 from earthmind_compat.errors import (  # noqa: E402
     ConfigurationError,
     EarthMindCompatError,
@@ -21,12 +22,12 @@ from earthmind_compat.errors import (  # noqa: E402
     UnsafeCheckpointError,
     WeightsError,
 )
-from earthmind_compat.registry import build_backbone, register_all, registered_backbones  # noqa: E402
+from earthmind_compat.registry import register_all, registered_backbones  # noqa: E402
 
 __version__ = "0.1.0"
 
 #: Names of every backbone this package registers in TerraTorch.
-BACKBONES: tuple[str, ...] = tuple(sorted(BACKBONE_BUILDERS))
+BACKBONES: tuple[str, ...] = tuple(sorted(BACKBONE_CLASSES))
 
 warn_if_untested()
 register_all()

@@ -14,14 +14,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from terratorch.models import EncoderDecoderFactory
+from terratorch.models.necks import build_neck_list
+from terratorch.registry import BACKBONE_REGISTRY
 
-from earthmind_compat.backbones import BACKBONE_BUILDERS
+from earthmind_compat.backbones import BACKBONE_CLASSES, backbone_class
 from earthmind_compat.bench.report import align_columns
 from earthmind_compat.compat import installed_versions
 from earthmind_compat.errors import unknown_name
+from earthmind_compat.recipes import DECODER_RULES, build_model
 
-#: Input side in pixels used at the tiny preset, per backbone (a multiple of its patch size).
-TINY_IMAGE_SIZE = {"internvl2_5_4b": 56, "granite_4_tiny": 64, "earthmind_v1": 56}
+#: Input bands of the tiny models every check builds.
 TINY_BANDS = 4
 
 FeatureCheck = Callable[[str], str]
@@ -39,10 +42,15 @@ def feature(name: str) -> Callable[[FeatureCheck], FeatureCheck]:
 
 
 def tiny_input(backbone: str, batch: int = 2, bands: int = TINY_BANDS) -> torch.Tensor:
-    """A reproducible random image batch of the tiny size for ``backbone``."""
-    size = TINY_IMAGE_SIZE.get(backbone, 64)
+    """A reproducible random image batch of the size ``backbone`` is checked at (``spec.input_size("tiny")``)."""
+    size = backbone_class(backbone).spec.input_size("tiny")
     generator = torch.Generator().manual_seed(0)
     return torch.randn(batch, bands, size, size, generator=generator)
+
+
+def tiny_backbone(backbone: str, **kwargs: object) -> torch.nn.Module:
+    """``backbone`` at the tiny preset for :data:`TINY_BANDS` bands, built by name through TerraTorch's registry."""
+    return BACKBONE_REGISTRY.build(backbone, preset="tiny", in_chans=TINY_BANDS, **kwargs)
 
 
 def expect(condition: bool, message: str) -> None:
@@ -54,9 +62,7 @@ def expect(condition: bool, message: str) -> None:
 @feature("forward")
 def check_forward(backbone: str) -> str:
     """Build by name through TerraTorch's registry and check the returned tokens against ``out_channels``."""
-    from terratorch.registry import BACKBONE_REGISTRY
-
-    model = BACKBONE_REGISTRY.build(backbone, preset="tiny", in_chans=TINY_BANDS).eval()
+    model = tiny_backbone(backbone).eval()
     x = tiny_input(backbone)
     with torch.no_grad():
         features = model(x)
@@ -72,11 +78,7 @@ def check_forward(backbone: str) -> str:
 @feature("segmentation")
 def check_segmentation(backbone: str) -> str:
     """EncoderDecoderFactory with TerraTorch's token-to-pyramid necks and UperNet; check output and a backward."""
-    from terratorch.models import EncoderDecoderFactory
-
-    from earthmind_compat.backbones import CLS_TOKEN_BY_DEFAULT
-
-    has_cls = CLS_TOKEN_BY_DEFAULT[backbone]
+    has_cls = backbone_class(backbone).spec.cls_token
     model = EncoderDecoderFactory().build_model(
         "segmentation",
         backbone=backbone,
@@ -100,10 +102,7 @@ def check_segmentation(backbone: str) -> str:
 @feature("necks")
 def check_necks(backbone: str) -> str:
     """Our necks built by name through TerraTorch's neck list on real tokens; channels as predicted."""
-    from terratorch.models.necks import build_neck_list
-    from terratorch.registry import BACKBONE_REGISTRY
-
-    model = BACKBONE_REGISTRY.build(backbone, preset="tiny", in_chans=TINY_BANDS).eval()
+    model = tiny_backbone(backbone).eval()
     x = tiny_input(backbone)
     specs = [
         {"name": "TokensToGrid", "patch_size": model.patch_size, "cls_token": model.has_cls_token},
@@ -127,8 +126,6 @@ def check_necks(backbone: str) -> str:
 @feature("decoders")
 def check_decoders(backbone: str) -> str:
     """Every decoder with a recommended chain, and classification, built from two names and probed."""
-    from earthmind_compat.recipes import DECODER_RULES, build_model
-
     built = []
     for task, decoder in [*(("segmentation", d) for d in DECODER_RULES), ("classification", "IdentityDecoder")]:
         build_model(backbone, decoder, task, num_classes=2, preset="tiny", in_chans=TINY_BANDS)
@@ -150,8 +147,7 @@ class Row:
 def validate_names(backbones: Sequence[str], features: Sequence[str]) -> None:
     """Raise :class:`UnknownNameError` (with the closest names) for an unknown backbone or feature."""
     for name in backbones:
-        if name not in BACKBONE_BUILDERS:
-            raise unknown_name("backbone", name, BACKBONE_BUILDERS)
+        backbone_class(name)
     for name in features:
         if name not in FEATURES:
             raise unknown_name("feature", name, FEATURES)
@@ -175,7 +171,7 @@ def run_checks(
     Raises:
         UnknownNameError: for an unknown backbone or feature name.
     """
-    backbones = list(backbones or BACKBONE_BUILDERS)
+    backbones = list(backbones or BACKBONE_CLASSES)
     features = list(features or FEATURES)
     validate_names(backbones, features)
     rows = []
@@ -224,9 +220,7 @@ def write_json(rows: Sequence[Row], path: str | Path) -> Path:
 
 def _optimized_step(backbone: str, technique: str) -> str:
     """Build with ``technique`` through the registry, run one training step, check gradients reach the adapters."""
-    from terratorch.registry import BACKBONE_REGISTRY
-
-    model = BACKBONE_REGISTRY.build(backbone, preset="tiny", in_chans=TINY_BANDS, technique=technique).train()
+    model = tiny_backbone(backbone, technique=technique).train()
     features = model(tiny_input(backbone))
     sum(f.float().pow(2).mean() for f in features).backward()
     trained = [p for p in model.parameters() if p.requires_grad]

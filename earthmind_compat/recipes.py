@@ -31,6 +31,7 @@ import torch
 from terratorch.registry import DECODER_REGISTRY, NECK_REGISTRY
 from torch import nn
 
+from earthmind_compat.builders import backbone_builder, build_backbone
 from earthmind_compat.compat import factory_takes_num_outputs, factory_tasks, installed_version
 from earthmind_compat.errors import ConfigurationError, EarthMindCompatError, did_you_mean, unknown_name
 
@@ -98,13 +99,10 @@ def layout_of_name(name: str, **backbone_kwargs: object) -> FeatureLayout:
         name: A name from :data:`earthmind_compat.BACKBONES`.
         **backbone_kwargs: Constructor arguments; ``weights`` and ``pretrained`` are ignored here.
     """
-    from earthmind_compat.backbones import BACKBONE_BUILDERS
-
-    if name not in BACKBONE_BUILDERS:
-        raise unknown_name("backbone", name, BACKBONE_BUILDERS)
+    builder = backbone_builder(name)
     kwargs = {k: v for k, v in backbone_kwargs.items() if k not in ("weights", "pretrained", "allow_pickle")}
     with torch.device("meta"):
-        return layout_of(BACKBONE_BUILDERS[name](**kwargs))
+        return layout_of(builder(**kwargs))
 
 
 def spread_indices(count: int, wanted: int = 4) -> list[int]:
@@ -623,8 +621,6 @@ def build_model(
     # deferred: importing earthmind_compat from TerraTorch's custom_modules happens while terratorch.models is
     # still being imported
     from terratorch.models import EncoderDecoderFactory
-
-    from earthmind_compat.registry import build_backbone
 
     task = _check_task(task)
     decoder = decoder or DEFAULT_DECODER[task]

@@ -1,4 +1,4 @@
-"""The only module that touches TerraTorch's registries.
+"""The only module that writes to TerraTorch's registries.
 
 TerraTorch registers a constructor under its ``__name__`` and silently overwrites an existing entry.
 :func:`register_all` instead checks each of our names first: an entry that is ours (same module and
@@ -12,8 +12,10 @@ from collections.abc import Callable
 
 from terratorch.registry import MODEL_FACTORY_REGISTRY, NECK_REGISTRY, TERRATORCH_BACKBONE_REGISTRY
 
-from earthmind_compat.backbones import BACKBONE_BUILDERS
-from earthmind_compat.errors import RegistryConflictError, unknown_name
+from earthmind_compat.builders import BACKBONE_BUILDERS
+from earthmind_compat.errors import RegistryConflictError
+from earthmind_compat.necks import NECKS
+from earthmind_compat.recipes import MODEL_FACTORIES
 
 
 def _is_ours(existing: object, candidate: Callable) -> bool:
@@ -41,16 +43,12 @@ def _neck_store() -> dict:
 
 def register_all() -> None:
     """Register every backbone, neck and model factory of earthmind-compat in TerraTorch (idempotent)."""
-    from earthmind_compat.necks import NECKS
-
     backbone_store = TERRATORCH_BACKBONE_REGISTRY._registry
     for constructor in BACKBONE_BUILDERS.values():
         _register(TERRATORCH_BACKBONE_REGISTRY, backbone_store, constructor, "backbone")
     neck_registry = NECK_REGISTRY["terratorch"]
     for neck in NECKS:
         _register(neck_registry, _neck_store(), neck, "neck")
-    from earthmind_compat.recipes import MODEL_FACTORIES
-
     for factory in MODEL_FACTORIES:
         _register(MODEL_FACTORY_REGISTRY, MODEL_FACTORY_REGISTRY._registry, factory, "model factory")
 
@@ -58,20 +56,3 @@ def register_all() -> None:
 def registered_backbones() -> list[str]:
     """Names of our backbones that TerraTorch's backbone registry currently holds."""
     return sorted(name for name in BACKBONE_BUILDERS if name in TERRATORCH_BACKBONE_REGISTRY)
-
-
-def build_backbone(name: str, **kwargs: object):
-    """Build one of our backbones by name through TerraTorch's registry.
-
-    Args:
-        name: A name from :data:`earthmind_compat.BACKBONES`.
-        **kwargs: Constructor arguments (``preset``, ``in_chans``, ``out_indices``, ...).
-
-    Raises:
-        UnknownNameError: for a name that is not ours, with the closest names.
-    """
-    if name not in BACKBONE_BUILDERS:
-        raise unknown_name("backbone", name, BACKBONE_BUILDERS)
-    from terratorch.registry import BACKBONE_REGISTRY
-
-    return BACKBONE_REGISTRY.build(name, **kwargs)

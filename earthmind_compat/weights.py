@@ -110,7 +110,7 @@ def refuse_remote_code(config: dict, directory: Path) -> None:
         raise UnsafeCheckpointError(
             f"{directory} needs remote code (config.json has auto_map, model_type={config.get('model_type')!r}). "
             "earthmind-compat never sets trust_remote_code. Use a checkpoint in the native transformers format "
-            "(the '-hf' repositories), or convert this one with earthmind_compat.convert."
+            "(the '-hf' repositories), or convert this one with earthmind_compat.backbones.convert."
         )
 
 

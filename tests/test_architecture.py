@@ -32,9 +32,9 @@ PACKAGE = "earthmind_compat"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "compat", "sizes", "arguments"),  # exceptions, version detection, units, argument checks
     ("bands", "weights", "synthetic"),  # bands, checkpoint files, synthetic data
-    ("backbones", "necks", "convert"),  # the models
+    ("backbones", "necks"),  # the models
     ("optimize",),  # memory techniques applied to the models
-    ("recipes", "registry"),  # TerraTorch model factories and registration
+    ("builders", "recipes", "registry"),  # registered constructors, TerraTorch model factories and registration
     ("",),  # the public API (importing it registers)
     ("check", "bench"),  # certification and measurement
     ("commands",),  # one module per subcommand
@@ -199,14 +199,6 @@ def _short(module: str) -> str:
     return module.removeprefix(PACKAGE + ".") if module != PACKAGE else PACKAGE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known cycles (issue 12, item 1): optimize.experts -> optimize.quantize -> optimize.experts; "
-    "recipes -> registry -> recipes; backbones -> backbones.earthmind -> convert -> backbones; "
-    "backbones.base -> optimize (its __init__) -> optimize.adapters -> backbones.base (and so through "
-    "backbones.granite / backbones.internvl). "
-    "The failure message lists every cycle. Remove this marker when there is none.",
-)
 def test_import_graph_has_no_cycle() -> None:
     cycles = find_cycles(import_graph())
     if cycles:
@@ -214,12 +206,6 @@ def test_import_graph_has_no_cycle() -> None:
         pytest.fail(f"import cycles in {PACKAGE} (imports inside functions included):\n{shown}", pytrace=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known upward imports (issue 12, item 1): backbones.base -> optimize.options and so "
-    "backbones.base -> optimize (its __init__ runs first); backbones -> optimize is against the layers. "
-    "The failure message lists every violation. Remove this marker when there is none.",
-)
 def test_imports_flow_down_the_layers() -> None:
     problems = layer_violations(import_graph())
     if problems:

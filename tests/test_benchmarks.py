@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from earthmind_compat import optimize
-from earthmind_compat.backbones import BACKBONE_BUILDERS
 from earthmind_compat.bench import (
     BENCHMARK_TECHNIQUES,
     benchmark_input,
@@ -25,6 +24,7 @@ from earthmind_compat.bench import (
     saved_activation_bytes,
     wrapper_overhead,
 )
+from earthmind_compat.builders import BACKBONE_BUILDERS
 
 pytestmark = pytest.mark.benchmark
 BACKBONES = sorted(BACKBONE_BUILDERS)

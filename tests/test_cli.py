@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from earthmind_compat.backbones import BACKBONE_BUILDERS
+from earthmind_compat.builders import BACKBONE_BUILDERS
 from earthmind_compat.check import FEATURES, Row, format_table
 from earthmind_compat.cli import COMMAND_MODULES, main
 

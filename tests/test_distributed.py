@@ -17,7 +17,7 @@ TECHNIQUE = {"internvl2_5_4b": "lora+ckpt", "granite_4_tiny": "none"}
 
 
 def _model(name: str):
-    from earthmind_compat.backbones import BACKBONE_BUILDERS
+    from earthmind_compat.builders import BACKBONE_BUILDERS
 
     torch.manual_seed(0)
     return BACKBONE_BUILDERS[name](preset="tiny", in_chans=3, technique=TECHNIQUE[name]).train()
@@ -76,7 +76,7 @@ def test_strategies_for_backbones():
     policy = fsdp.kwargs["auto_wrap_policy"]  # a ModuleWrapPolicy: callable, True for the classes it wraps
     assert policy(plain.model.layers[0], recurse=False, nonwrapped_numel=0)
     assert not policy(plain.patch_embed, recurse=False, nonwrapped_numel=0)
-    from earthmind_compat.backbones import BACKBONE_BUILDERS
+    from earthmind_compat.builders import BACKBONE_BUILDERS
 
     quantized = BACKBONE_BUILDERS["internvl2_5_4b"](preset="tiny", quantization="nf4")
     with pytest.raises(ConfigurationError, match="ddp"):

@@ -15,8 +15,8 @@ from earthmind_reference import TINY_VISION, TINY_VISION_QK_NORM, write_remote_c
 from safetensors.torch import load_file, save_file
 from terratorch.registry import BACKBONE_REGISTRY
 
-from earthmind_compat import convert
-from earthmind_compat.convert import KEY_RULES, convert_checkpoint, open_remote_checkpoint, remote_settings
+from earthmind_compat.backbones import convert
+from earthmind_compat.backbones.convert import KEY_RULES, convert_checkpoint, open_remote_checkpoint, remote_settings
 from earthmind_compat.errors import WeightsError
 
 pytestmark = pytest.mark.registry

@@ -25,7 +25,7 @@ import warnings
 import pytest
 import torch
 
-from earthmind_compat.backbones import BACKBONE_BUILDERS
+from earthmind_compat.builders import BACKBONE_BUILDERS
 from earthmind_compat.check import tiny_input
 from earthmind_compat.optimize import apply, lora_parameters
 from earthmind_compat.optimize.checkpointing import enable_checkpointing

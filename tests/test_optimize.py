@@ -9,10 +9,9 @@ import pytest
 import torch
 from terratorch.models import EncoderDecoderFactory
 
-from earthmind_compat.backbones import BACKBONE_BUILDERS
+from earthmind_compat.builders import BACKBONE_BUILDERS
 from earthmind_compat.errors import ConfigurationError, UnknownNameError
 from earthmind_compat.optimize import (
-    FAMILY_LORA_TARGETS,
     QuantizedExperts,
     load_quantized,
     parse_technique,
@@ -37,10 +36,10 @@ def test_parse_technique():
         parse_technique("int8+dq")
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_LORA_TARGETS))
-def test_pinned_lora_targets_match_the_model(family):
-    name = next(n for n in BACKBONE_BUILDERS if BACKBONE_BUILDERS[n](preset="tiny").family == family)
-    assert set(FAMILY_LORA_TARGETS[family]) == set(derived_lora_targets(BACKBONE_BUILDERS[name](preset="tiny")))
+@pytest.mark.parametrize("name", sorted(BACKBONE_BUILDERS))
+def test_pinned_lora_targets_match_the_model(name):
+    model = BACKBONE_BUILDERS[name](preset="tiny")
+    assert set(model.spec.lora_targets) == set(derived_lora_targets(model))
 
 
 def test_yaml_route_through_terratorch_factory():

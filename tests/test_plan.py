@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from earthmind_compat.backbones import BACKBONE_BUILDERS
+from earthmind_compat.builders import BACKBONE_BUILDERS
 from earthmind_compat.cli import main
 from earthmind_compat.errors import ConfigurationError, UnknownNameError
 from earthmind_compat.optimize import apply, memory_bytes

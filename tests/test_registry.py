@@ -13,7 +13,8 @@ from terratorch.models import EncoderDecoderFactory
 from terratorch.registry import BACKBONE_REGISTRY, TERRATORCH_BACKBONE_REGISTRY
 
 import earthmind_compat
-from earthmind_compat.backbones import BACKBONE_BUILDERS, CLS_TOKEN_BY_DEFAULT
+from earthmind_compat.backbones import BACKBONE_CLASSES
+from earthmind_compat.builders import BACKBONE_BUILDERS
 from earthmind_compat.check import tiny_input
 from earthmind_compat.errors import ConfigurationError, RegistryConflictError, UnknownNameError
 
@@ -43,7 +44,7 @@ def test_builds_by_name_and_runs(name):
     assert [f.shape for f in features] == [
         torch.Size([2, rows * cols + int(model.has_cls_token), c]) for c in model.out_channels
     ]
-    assert model.has_cls_token == CLS_TOKEN_BY_DEFAULT[name]
+    assert model.has_cls_token == BACKBONE_CLASSES[name].spec.cls_token
     assert isinstance(model.patch_size, int)
 
 
@@ -56,7 +57,7 @@ def test_builds_in_encoder_decoder_factory(name, decoder):
         backbone_preset="tiny",
         backbone_bands=["BLUE", "GREEN", "RED", "NIR_NARROW"],
         necks=[
-            {"name": "ReshapeTokensToImage", "remove_cls_token": CLS_TOKEN_BY_DEFAULT[name]},
+            {"name": "ReshapeTokensToImage", "remove_cls_token": BACKBONE_CLASSES[name].spec.cls_token},
             {"name": "LearnedInterpolateToPyramidal"},
         ],
         decoder=decoder,

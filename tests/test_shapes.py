@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from terratorch.models import EncoderDecoderFactory
 from terratorch.registry import NECK_REGISTRY
 
-from earthmind_compat.backbones import BACKBONE_BUILDERS
+from earthmind_compat.builders import BACKBONE_BUILDERS
 from earthmind_compat.compat import (
     factory_takes_num_outputs,
     factory_tasks,

@@ -1,49 +1,43 @@
-"""Backbone constructors, one per registered name.
+"""The backbone classes, one module per family, and their lookup by registered name.
 
-Each constructor is a plain function whose ``__name__`` is the name TerraTorch registers.
+Each class carries its facts in its :class:`~earthmind_compat.backbones.base.BackboneSpec` (``cls.spec``).
+The functions TerraTorch registers, which also apply the memory techniques, are in
+:mod:`earthmind_compat.builders`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from earthmind_compat.backbones.base import BackboneSpec, CheckpointLayout, TokenBackbone
 from earthmind_compat.backbones.earthmind import EarthMindBackbone
 from earthmind_compat.backbones.granite import GraniteBackbone
 from earthmind_compat.backbones.internvl import InternVLBackbone
+from earthmind_compat.errors import unknown_name
 
-
-def internvl2_5_4b(**kwargs: object) -> InternVLBackbone:
-    """InternVL2.5-4B's vision tower (InternViT-300M-448px-V2.5); see :class:`InternVLBackbone`."""
-    return InternVLBackbone(**kwargs)
-
-
-def earthmind_v1(**kwargs: object) -> EarthMindBackbone:
-    """EarthMind-4B's image side: InternViT, projector and SAR/optical gating; see :class:`EarthMindBackbone`."""
-    return EarthMindBackbone(**kwargs)
-
-
-def granite_4_tiny(**kwargs: object) -> GraniteBackbone:
-    """Granite 4.0 H Tiny as an image encoder; see :class:`GraniteBackbone`."""
-    return GraniteBackbone(**kwargs)
-
-
-#: Every backbone earthmind-compat declares, by registered name.
-BACKBONE_BUILDERS: dict[str, Callable] = {
-    "internvl2_5_4b": internvl2_5_4b,
-    "granite_4_tiny": granite_4_tiny,
-    "earthmind_v1": earthmind_v1,
+#: Every backbone class of earthmind-compat, by registered name (``cls.spec.name``), in the order the
+#: commands list them. Adding a backbone: its module, and its class here.
+BACKBONE_CLASSES: dict[str, type[TokenBackbone]] = {
+    cls.spec.name: cls for cls in (InternVLBackbone, GraniteBackbone, EarthMindBackbone)
 }
 
-#: Whether each backbone's token tensors start with a CLS token at its default settings.
-CLS_TOKEN_BY_DEFAULT: dict[str, bool] = {"internvl2_5_4b": True, "granite_4_tiny": False, "earthmind_v1": False}
+
+def backbone_class(name: str) -> type[TokenBackbone]:
+    """The backbone class registered as ``name``.
+
+    Raises:
+        UnknownNameError: for a name that is not one of ours, with the closest names.
+    """
+    if name not in BACKBONE_CLASSES:
+        raise unknown_name("backbone", name, BACKBONE_CLASSES)
+    return BACKBONE_CLASSES[name]
+
 
 __all__ = [
-    "BACKBONE_BUILDERS",
-    "CLS_TOKEN_BY_DEFAULT",
+    "BACKBONE_CLASSES",
+    "BackboneSpec",
+    "CheckpointLayout",
     "EarthMindBackbone",
     "GraniteBackbone",
     "InternVLBackbone",
-    "earthmind_v1",
-    "granite_4_tiny",
-    "internvl2_5_4b",
+    "TokenBackbone",
+    "backbone_class",
 ]

@@ -4,7 +4,7 @@ EarthMind passes its SAR image and its optical image through the same InternViT-
 projector (pixel shuffle 0.5, then the MLP to the language model width, 2048), gates the two projected
 token sequences against each other (:mod:`earthmind_compat.backbones.fusion`) and hands them to the
 language model. This backbone rebuilds the image side from ``transformers``' ``InternVLVisionModel`` and
-``InternVLMultiModalProjector``, loads the released checkpoint through :mod:`earthmind_compat.convert`,
+``InternVLMultiModalProjector``, loads the released checkpoint through :mod:`earthmind_compat.backbones.convert`,
 and returns TerraTorch features:
 
 * one feature per layer in ``out_indices``: the tower's tokens of every modality, side by side on the
@@ -28,25 +28,28 @@ from transformers import InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector, InternVLVisionPatchEmbeddings
 
 from earthmind_compat.arguments import resolve_dtype
-from earthmind_compat.backbones.base import (
-    TokenBackbone,
-    argument_names,
-    choose_preset,
-    reject_unknown_kwargs,
-    resolve_out_indices,
+from earthmind_compat.backbones.base import BackboneSpec, CheckpointLayout, TokenBackbone, resolve_out_indices
+from earthmind_compat.backbones.convert import (
+    REMOTE_MODEL_TYPES,
+    convert_checkpoint,
+    open_remote_checkpoint,
+    remote_settings,
+    split_layout,
 )
 from earthmind_compat.backbones.fusion import CrossModalGate, FusionOutput
 from earthmind_compat.backbones.internvl import (
+    INTERNVIT_LORA_TARGETS,
     INTERNVL_PRESETS,
+    check_projector_grid,
     load_strict,
-    pixel_shuffle,
     projector_config,
+    run_tower,
     vision_config_from_preset,
 )
 from earthmind_compat.backbones.modalities import ModalityLayout, resolve_modalities
 from earthmind_compat.bands import adapt_patch_weight
 from earthmind_compat.compat import first_tensor
-from earthmind_compat.errors import ConfigurationError, InputError, WeightsError
+from earthmind_compat.errors import ConfigurationError, WeightsError
 from earthmind_compat.weights import resolve_weights_dir
 
 #: ``tiny`` for tests; ``full`` is EarthMind-4B's image side: InternViT-300M-448px-V2.5 and a projector to
@@ -83,8 +86,8 @@ class EarthMindBackbone(TokenBackbone):
     Args:
         preset: ``"tiny"`` (tests) or ``"full"`` (EarthMind-4B dimensions, random init).
         weights: Local directory (or hub id) of EarthMind's released checkpoint (``model_type`` ``sa2va_chat``,
-            safetensors). Its config is read as data and its tensors renamed by :mod:`earthmind_compat.convert`;
-            no remote code is run.
+            safetensors). Its config is read as data and its tensors renamed by
+            :mod:`~earthmind_compat.backbones.convert`; no remote code is run.
         pretrained: With ``weights`` unset, True means the published ``sy1998/EarthMind-4B``.
         in_chans: Channels of a stacked input tensor (must equal the modalities' total if both are given).
         bands: Band names of a stacked input tensor, in order (see ``modalities``).
@@ -111,8 +114,24 @@ class EarthMindBackbone(TokenBackbone):
     repeated over R, G and B.
     """
 
-    family = "earthmind"
-    default_hub_id = "sy1998/EarthMind-4B"
+    spec = BackboneSpec(
+        name="earthmind_v1",
+        family="earthmind",
+        summary="EarthMind-4B's image side: InternViT, projector and SAR/optical gating",
+        presets=EARTHMIND_PRESETS,
+        input_sizes={"tiny": 56, "full": 448},
+        lora_targets=INTERNVIT_LORA_TARGETS,
+        hub_id="sy1998/EarthMind-4B",
+        checkpoint_layouts=(
+            CheckpointLayout(
+                model_types=REMOTE_MODEL_TYPES,
+                prefixes={},
+                description="EarthMind's release in the key layout of its remote code (Sa2VA / InternVL chat), "
+                "renamed into the native classes by earthmind_compat.backbones.convert.KEY_RULES",
+            ),
+        ),
+        cls_token=False,
+    )
 
     def __init__(
         self,
@@ -130,11 +149,9 @@ class EarthMindBackbone(TokenBackbone):
         dtype: str | torch.dtype | None = None,
         **kwargs: object,
     ) -> None:
-        super().__init__()
-        reject_unknown_kwargs(type(self).__name__, kwargs, argument_names(type(self).__init__))
-        settings = choose_preset("EarthMind", EARTHMIND_PRESETS, preset)
+        super().__init__(preset, kwargs)
+        settings = self.preset_settings()
         compute_dtype = resolve_dtype(dtype)
-        self.preset = preset
         self.layout: ModalityLayout = resolve_modalities(modalities, in_chans, bands)
         self.in_chans, self.bands = self.layout.in_chans, self.layout.bands
         if with_projector and keep_cls_token:
@@ -143,13 +160,10 @@ class EarthMindBackbone(TokenBackbone):
                 "give features that disagree about it (TerraTorch's ReshapeTokensToImage removes it from all or "
                 "none). Use keep_cls_token=False."
             )
-        if weights is None and pretrained:
-            weights = self.default_hub_id
+        weights = self.weights_source(weights, pretrained)
         checkpoint = remote = None
         self.projector_layer: int | None = None
         if weights is not None:
-            from earthmind_compat.convert import open_remote_checkpoint, remote_settings
-
             checkpoint = open_remote_checkpoint(resolve_weights_dir(weights), allow_pickle)
             remote = remote_settings(checkpoint.config, checkpoint.directory)
             settings.update(remote.vision)
@@ -189,8 +203,6 @@ class EarthMindBackbone(TokenBackbone):
 
     # -- weights -----------------------------------------------------------------------------------------
     def _load_remote(self, checkpoint, remote) -> None:
-        from earthmind_compat.convert import convert_checkpoint, split_layout
-
         parts = split_layout(convert_checkpoint(checkpoint, remote))
         tower = parts["vision_tower"]
         kernel_key = "embeddings.patch_embeddings.projection.weight"
@@ -226,15 +238,15 @@ class EarthMindBackbone(TokenBackbone):
             InputError: for a missing or unexpected modality, or a tensor of the wrong shape or kind.
         """
         if isinstance(x, Mapping):
-            return self.layout.check_dict(x, self.patch_size)
+            return self.layout.check_dict(x, self.patch_size, self.weight_device())
         self.check_input(x)
         return self.layout.split(x)
 
     def _embed(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.model.embeddings.patch_embeddings.projection.weight.dtype)  # transformers 4.x does not cast
-        if name == self.layout.modalities[0].name:
-            return first_tensor(self.model.embeddings(x))
         embeddings = self.model.embeddings
+        x = x.to(embeddings.patch_embeddings.projection.weight.dtype)  # transformers 4.x does not cast
+        if name == self.layout.modalities[0].name:
+            return first_tensor(embeddings(x))
         tokens = first_tensor(self.aux_patch_embeddings(x))
         tokens = torch.cat((embeddings.cls_token.expand(x.shape[0], -1, -1), tokens), dim=1)
         tokens = tokens + embeddings.interpolate_pos_encoding(tokens, x.shape[-2], x.shape[-1])
@@ -253,33 +265,20 @@ class EarthMindBackbone(TokenBackbone):
         names = self.layout.names
         height, width = inputs[names[0]].shape[-2:]
         rows, cols = self.grid_size(height, width)
-        if self.projector is not None and (rows % 2 or cols % 2):
-            raise InputError(
-                f"with_projector needs an even token grid, got {rows}x{cols} patches for a {height}x{width} image; "
-                f"use sides that are multiples of {2 * self.patch_size} px."
-            )
+        if self.projector is not None:
+            check_projector_grid(rows, cols, height, width, self.patch_size)
         batch = inputs[names[0]].shape[0]
         hidden = torch.cat([self._embed(name, inputs[name]) for name in names], dim=0)
-        last = max(self.out_indices)
-        if self.projector is not None:
-            last = max(last, self.projector_layer)
-        collected: dict[int, torch.Tensor] = {}
-        for index, layer in enumerate(self.model.encoder.layer[: last + 1]):
-            hidden = first_tensor(layer(hidden))
-            if index in self.out_indices or index == self.projector_layer:
-                collected[index] = hidden
-        layers = {
-            name: [
-                collected[i][k * batch : (k + 1) * batch, (0 if self.keep_cls_token else 1) :] for i in self.out_indices
-            ]
-            for k, name in enumerate(names)
-        }
+        tower, tokens = run_tower(self, hidden, (rows, cols))
+
+        def per_modality(stacked: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {name: stacked[k * batch : (k + 1) * batch] for k, name in enumerate(names)}
+
+        split = [per_modality(layer) for layer in tower]
+        layers = {name: [layer[name] for layer in split] for name in names}
         projected = fusion = None
-        if self.projector is not None:
-            grid = collected[self.projector_layer][:, 1:].reshape(len(names) * batch, rows, cols, -1)
-            shuffled = pixel_shuffle(grid)
-            tokens = self.projector(shuffled.reshape(len(names) * batch, -1, shuffled.shape[-1]))
-            projected = {name: tokens[k * batch : (k + 1) * batch] for k, name in enumerate(names)}
+        if tokens is not None:
+            projected = per_modality(tokens)
             if self.gate is not None:
                 fusion = self.gate(projected[names[0]], projected[names[1]])
         return EarthMindOutput(layers=layers, projected=projected, fusion=fusion)

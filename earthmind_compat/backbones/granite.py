@@ -16,17 +16,17 @@ from torch import nn
 from transformers import GraniteMoeHybridConfig, GraniteMoeHybridModel
 
 from earthmind_compat.arguments import resolve_dtype
-from earthmind_compat.backbones.base import (
-    TokenBackbone,
-    argument_names,
-    choose_preset,
-    reject_unknown_kwargs,
-    resolve_out_indices,
-)
+from earthmind_compat.backbones.base import BackboneSpec, CheckpointLayout, TokenBackbone, resolve_out_indices
 from earthmind_compat.bands import resolve_bands
 from earthmind_compat.compat import first_tensor
 from earthmind_compat.errors import WeightsError
-from earthmind_compat.weights import check_shapes_on_meta, read_config, refuse_remote_code, resolve_weights_dir
+from earthmind_compat.weights import (
+    check_shapes_on_meta,
+    read_config,
+    refuse_remote_code,
+    resolve_weights_dir,
+    safetensors_files,
+)
 
 _TINY_LAYERS = ["mamba", "attention", "mamba", "attention"]
 #: Granite 4.0 H Tiny: attention at layers 5, 15, 25, 35 of 40, Mamba-2 elsewhere.
@@ -135,9 +135,26 @@ class GraniteBackbone(TokenBackbone):
     the InternVL tower.
     """
 
-    family = "granite"
+    spec = BackboneSpec(
+        name="granite_4_tiny",
+        family="granite",
+        summary="Granite 4.0 H Tiny as an image encoder",
+        presets=GRANITE_PRESETS,
+        input_sizes={"tiny": 64, "full": 224},
+        # attention projections, Mamba in/out projections and the shared MLP; the 64 routed experts per layer are
+        # left out (LoRA on each would multiply adapters by 64; they are quantized instead)
+        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "input_linear", "output_linear"),
+        hub_id="ibm-granite/granite-4.0-h-tiny",
+        checkpoint_layouts=(
+            CheckpointLayout(
+                model_types=("granitemoehybrid",),
+                prefixes={"language model": ("model.", "")},
+                description="Granite 4.0 H models in the native transformers format",
+            ),
+        ),
+        cls_token=False,
+    )
     new_modules = ("patch_embed",)
-    default_hub_id = "ibm-granite/granite-4.0-h-tiny"
 
     def __init__(
         self,
@@ -153,16 +170,13 @@ class GraniteBackbone(TokenBackbone):
         dtype: str | torch.dtype | None = None,
         **kwargs: object,
     ) -> None:
-        super().__init__()
-        reject_unknown_kwargs(type(self).__name__, kwargs, argument_names(type(self).__init__))
-        settings = choose_preset("Granite", GRANITE_PRESETS, preset)
+        super().__init__(preset, kwargs)
+        settings = self.preset_settings()
         compute_dtype = resolve_dtype(dtype)
-        self.preset = preset
         self.in_chans, self.bands = resolve_bands(in_chans, bands)
         self.patch_size = int(patch_size or settings.pop("patch_size"))
         settings.pop("patch_size", None)
-        if weights is None and pretrained:
-            weights = self.default_hub_id
+        weights = self.weights_source(weights, pretrained)
         if weights is not None:
             self.model = self._from_checkpoint(weights, allow_pickle)
         else:
@@ -181,19 +195,18 @@ class GraniteBackbone(TokenBackbone):
         self.out_channels = [hidden] * len(self.out_indices)
         self.to(compute_dtype)  # a bf16 checkpoint loads as bf16; every part follows one dtype
 
-    @staticmethod
-    def _from_checkpoint(weights: str, allow_pickle: bool) -> GraniteMoeHybridModel:
+    @classmethod
+    def _from_checkpoint(cls, weights: str, allow_pickle: bool) -> GraniteMoeHybridModel:
         directory = resolve_weights_dir(weights)
         config = read_config(directory)
         refuse_remote_code(config, directory)
-        if config.get("model_type") != "granitemoehybrid":
+        (layout,) = cls.spec.checkpoint_layouts
+        if config.get("model_type") not in layout.model_types:
             raise WeightsError(
-                f"{directory} holds a {config.get('model_type')!r} checkpoint; expected 'granitemoehybrid' "
-                "(Granite 4.0 H models in the native transformers format)."
+                f"{directory} holds a {config.get('model_type')!r} checkpoint; expected "
+                f"{' or '.join(map(repr, layout.model_types))} ({layout.description})."
             )
         if not list(directory.glob("*.safetensors")) and not allow_pickle:
-            from earthmind_compat.weights import safetensors_files
-
             safetensors_files(directory, allow_pickle=False)  # raises the explanatory error
         try:
             planned_config = GraniteMoeHybridConfig.from_pretrained(str(directory))
@@ -204,7 +217,7 @@ class GraniteBackbone(TokenBackbone):
             ) from None
         with torch.device("meta"):
             planned = GraniteMoeHybridModel(planned_config)
-        check_shapes_on_meta(planned, directory, prefixes=("model.", ""))  # before allocating anything
+        check_shapes_on_meta(planned, directory, layout.prefixes["language model"])  # before allocating anything
         del planned
         return GraniteMoeHybridModel.from_pretrained(
             str(directory), use_safetensors=not allow_pickle, trust_remote_code=False

@@ -10,13 +10,7 @@ from transformers import InternVLConfig, InternVLVisionConfig, InternVLVisionMod
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
 from earthmind_compat.arguments import resolve_dtype
-from earthmind_compat.backbones.base import (
-    TokenBackbone,
-    argument_names,
-    choose_preset,
-    reject_unknown_kwargs,
-    resolve_out_indices,
-)
+from earthmind_compat.backbones.base import BackboneSpec, CheckpointLayout, TokenBackbone, resolve_out_indices
 from earthmind_compat.bands import adapt_patch_weight, resolve_bands
 from earthmind_compat.compat import first_tensor
 from earthmind_compat.errors import InputError, WeightsError
@@ -33,6 +27,14 @@ from earthmind_compat.weights import (
 #: ``internvit_6b`` is InternViT-6B-448px-V2.5 of InternVL2.5-26B/38B/78B. ``text_hidden_size`` is the
 #: width of the language model the projector feeds (Qwen2.5-3B for InternVL2.5-4B; for the 6B tower the
 #: projector is sized for InternVL2.5-38B's Qwen2.5-32B — load a checkpoint to get another width).
+_INTERNVIT_300M = {
+    "patch_size": 14,
+    "attention_bias": True,
+    "use_qk_norm": False,
+    "norm_type": "layer_norm",
+    "layer_scale_init_value": 0.1,
+    "use_mean_pooling": True,
+}
 INTERNVL_PRESETS: dict[str, dict] = {
     "tiny": {
         "hidden_size": 32,
@@ -40,12 +42,7 @@ INTERNVL_PRESETS: dict[str, dict] = {
         "num_attention_heads": 4,
         "intermediate_size": 64,
         "image_size": 56,
-        "patch_size": 14,
-        "attention_bias": True,
-        "use_qk_norm": False,
-        "norm_type": "layer_norm",
-        "layer_scale_init_value": 0.1,
-        "use_mean_pooling": True,
+        **_INTERNVIT_300M,
         "text_hidden_size": 64,
     },
     "full": {
@@ -54,12 +51,7 @@ INTERNVL_PRESETS: dict[str, dict] = {
         "num_attention_heads": 16,
         "intermediate_size": 4096,
         "image_size": 448,
-        "patch_size": 14,
-        "attention_bias": True,
-        "use_qk_norm": False,
-        "norm_type": "layer_norm",
-        "layer_scale_init_value": 0.1,
-        "use_mean_pooling": True,
+        **_INTERNVIT_300M,
         "text_hidden_size": 2048,
     },
     "internvit_6b": {
@@ -77,6 +69,9 @@ INTERNVL_PRESETS: dict[str, dict] = {
         "text_hidden_size": 5120,
     },
 }
+
+#: LoRA targets of the InternViT tower: attention projections and the MLP.
+INTERNVIT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")
 
 #: State-dict key of the patch-embedding kernel (adapted to the input bands, so its shape may differ).
 _PATCH_KERNEL = "embeddings.patch_embeddings.projection.weight"
@@ -133,6 +128,50 @@ def projector_config(vision_config: InternVLVisionConfig, text_hidden_size: int)
     )
 
 
+def check_projector_grid(rows: int, cols: int, height: int, width: int, patch_size: int) -> None:
+    """Raise :class:`InputError` unless the token grid can be pixel-shuffled (even rows and columns)."""
+    if rows % 2 or cols % 2:
+        raise InputError(
+            f"with_projector needs an even token grid, got {rows}x{cols} patches for a {height}x{width} image; "
+            f"use sides that are multiples of {2 * patch_size} px."
+        )
+
+
+def run_tower(
+    backbone: TokenBackbone, hidden: torch.Tensor, grid: tuple[int, int]
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Run the InternViT layers of ``backbone`` on embedded tokens, up to the last layer anything needs.
+
+    Shared by the backbones built on InternViT; reads their ``model`` (the ``InternVLVisionModel``),
+    ``out_indices``, ``keep_cls_token``, ``projector`` (or ``None``) and ``projector_layer`` (the layer whose
+    output the projector reads).
+
+    Args:
+        backbone: The backbone.
+        hidden: Embedded tokens ``[B, 1 + N, C]`` (CLS first), as ``model.embeddings`` returns them.
+        grid: The token grid ``(rows, cols)``.
+
+    Returns:
+        The tokens of each layer in ``out_indices``, in that order (``[B, 1 + N, C]``, or ``[B, N, C]`` without
+        CLS), and the projected tokens ``[B, N / 4, text_hidden]`` (pixel shuffle 0.5, then the projector) or
+        ``None`` without projector.
+    """
+    projector = backbone.projector
+    wanted = set(backbone.out_indices) | ({backbone.projector_layer} if projector is not None else set())
+    collected: dict[int, torch.Tensor] = {}
+    for index, layer in enumerate(backbone.model.encoder.layer[: max(wanted) + 1]):
+        hidden = first_tensor(layer(hidden))
+        if index in wanted:
+            collected[index] = hidden
+    start = 0 if backbone.keep_cls_token else 1
+    layers = [collected[i][:, start:] for i in backbone.out_indices]
+    if projector is None:
+        return layers, None
+    tokens = collected[backbone.projector_layer]
+    shuffled = pixel_shuffle(tokens[:, 1:].reshape(tokens.shape[0], *grid, -1))
+    return layers, projector(shuffled.reshape(tokens.shape[0], -1, shuffled.shape[-1]))
+
+
 class InternVLBackbone(TokenBackbone):
     """InternViT (the vision tower of InternVL2.5) returning per-layer tokens.
 
@@ -157,8 +196,27 @@ class InternVLBackbone(TokenBackbone):
             else raises :class:`ConfigurationError` naming the closest valid argument.
     """
 
-    family = "internvl"
-    default_hub_id = "OpenGVLab/InternVL2_5-4B-MPO-hf"
+    spec = BackboneSpec(
+        name="internvl2_5_4b",
+        family="internvl",
+        summary="InternVL2.5-4B's vision tower (InternViT-300M-448px-V2.5)",
+        presets=INTERNVL_PRESETS,
+        input_sizes={"tiny": 56, "full": 448, "internvit_6b": 448},
+        lora_targets=INTERNVIT_LORA_TARGETS,
+        hub_id="OpenGVLab/InternVL2_5-4B-MPO-hf",
+        checkpoint_layouts=(
+            CheckpointLayout(
+                model_types=("internvl", "internvl_vision"),
+                prefixes={
+                    "vision tower": ("model.vision_tower.", "vision_tower.", ""),
+                    "projector": ("model.multi_modal_projector.", "multi_modal_projector."),
+                },
+                description="native transformers format: a whole InternVLForConditionalGeneration or InternVLModel "
+                "(the -hf repositories), or an InternVLVisionModel alone",
+            ),
+        ),
+        cls_token=True,
+    )
 
     def __init__(
         self,
@@ -175,14 +233,11 @@ class InternVLBackbone(TokenBackbone):
         dtype: str | torch.dtype | None = None,
         **kwargs: object,
     ) -> None:
-        super().__init__()
-        reject_unknown_kwargs(type(self).__name__, kwargs, argument_names(type(self).__init__))
-        settings = choose_preset("InternVL", INTERNVL_PRESETS, preset)
+        super().__init__(preset, kwargs)
+        settings = self.preset_settings()
         compute_dtype = resolve_dtype(dtype)
-        self.preset = preset
         self.in_chans, self.bands = resolve_bands(in_chans, bands)
-        if weights is None and pretrained:
-            weights = self.default_hub_id
+        weights = self.weights_source(weights, pretrained)
         checkpoint = None
         if weights is not None:
             checkpoint = resolve_weights_dir(weights)
@@ -192,9 +247,7 @@ class InternVLBackbone(TokenBackbone):
         if checkpoint is not None:
             with torch.device("meta"):
                 planned = InternVLVisionModel(self.vision_config)
-            check_shapes_on_meta(
-                planned, checkpoint, ("model.vision_tower.", "vision_tower.", ""), ignore=(_PATCH_KERNEL,)
-            )
+            check_shapes_on_meta(planned, checkpoint, _prefixes("vision tower"), ignore=(_PATCH_KERNEL,))
         self.model = InternVLVisionModel(self.vision_config)
         self.projector: nn.Module | None = None
         if with_projector:
@@ -204,6 +257,7 @@ class InternVLBackbone(TokenBackbone):
 
         num_layers = self.vision_config.num_hidden_layers
         self.out_indices = resolve_out_indices(out_indices, num_layers)
+        self.projector_layer = num_layers - 1
         self.keep_cls_token = bool(keep_cls_token)
         self.has_cls_token = self.keep_cls_token
         self.patch_size = int(self.vision_config.patch_size[0])
@@ -219,17 +273,17 @@ class InternVLBackbone(TokenBackbone):
         config = read_config(directory)
         refuse_remote_code(config, directory)
         model_type = config.get("model_type")
+        if model_type not in InternVLBackbone.spec.model_types:
+            raise WeightsError(
+                f"{directory} holds a {model_type!r} checkpoint; expected a native InternVL checkpoint "
+                f"(model_type {' or '.join(map(repr, InternVLBackbone.spec.model_types))})."
+            )
         if model_type == "internvl":
             vision = InternVLVisionConfig(**config.get("vision_config", {}))
             text_hidden = config.get("text_config", {}).get("hidden_size", 2048)
-        elif model_type == "internvl_vision":
+        else:  # internvl_vision: the tower alone
             vision = InternVLVisionConfig(**config)
             text_hidden = INTERNVL_PRESETS["full"]["text_hidden_size"]
-        else:
-            raise WeightsError(
-                f"{directory} holds a {model_type!r} checkpoint; expected a native InternVL checkpoint "
-                "(model_type 'internvl' or 'internvl_vision')."
-            )
         keys = [k for k in INTERNVL_PRESETS["full"] if k != "text_hidden_size"]
         settings = {k: getattr(vision, k) for k in keys}
         settings["image_size"] = int(vision.image_size[0])
@@ -238,7 +292,7 @@ class InternVLBackbone(TokenBackbone):
         return settings
 
     def _load_checkpoint(self, directory, allow_pickle: bool) -> None:
-        prefix = find_prefix(directory, ("model.vision_tower.", "vision_tower.", ""), "embeddings.", allow_pickle)
+        prefix = find_prefix(directory, _prefixes("vision tower"), "embeddings.", allow_pickle)
         tower = load_tensors(directory, (prefix,), allow_pickle)
         patch_key = _PATCH_KERNEL
         rgb_kernel = patch_key in tower and tower[patch_key].shape[1] == 3
@@ -247,9 +301,7 @@ class InternVLBackbone(TokenBackbone):
             tower[patch_key] = adapt_patch_weight(tower[patch_key], self.in_chans, self.bands)
         load_strict(self.model, tower, directory, "vision tower")
         if self.projector is not None:
-            prefix = find_prefix(
-                directory, ("model.multi_modal_projector.", "multi_modal_projector."), "linear_1.", allow_pickle
-            )
+            prefix = find_prefix(directory, _prefixes("projector"), "linear_1.", allow_pickle)
             projector = load_tensors(directory, (prefix,), allow_pickle)
             load_strict(self.projector, projector, directory, "projector")
 
@@ -267,27 +319,19 @@ class InternVLBackbone(TokenBackbone):
         """
         self.check_input(x)
         rows, cols = self.grid_size(x.shape[-2], x.shape[-1])
-        if self.projector is not None and (rows % 2 or cols % 2):
-            raise InputError(
-                f"with_projector needs an even token grid, got {rows}x{cols} patches for a "
-                f"{x.shape[-2]}x{x.shape[-1]} image; use sides that are multiples of {2 * self.patch_size} px."
-            )
-        input_dtype = x.dtype
-        x = x.to(self.model.embeddings.patch_embeddings.projection.weight.dtype)  # transformers 4.x does not cast
-        hidden = first_tensor(self.model.embeddings(x))
-        features = []
-        last = max(self.out_indices) if self.projector is None else self.vision_config.num_hidden_layers - 1
-        for index, layer in enumerate(self.model.encoder.layer[: last + 1]):
-            hidden = first_tensor(layer(hidden))
-            if index in self.out_indices:
-                features.append(hidden if self.keep_cls_token else hidden[:, 1:])
-        order = sorted(self.out_indices)
-        features = [features[order.index(i)] for i in self.out_indices]
         if self.projector is not None:
-            grid = hidden[:, 1:].reshape(hidden.shape[0], rows, cols, -1)
-            shuffled = pixel_shuffle(grid)
-            features.append(self.projector(shuffled.reshape(hidden.shape[0], -1, shuffled.shape[-1])))
-        return [feature.to(input_dtype) for feature in features]
+            check_projector_grid(rows, cols, x.shape[-2], x.shape[-1], self.patch_size)
+        embeddings = self.model.embeddings
+        hidden = first_tensor(embeddings(x.to(embeddings.patch_embeddings.projection.weight.dtype)))  # 4.x: no cast
+        features, projected = run_tower(self, hidden, (rows, cols))
+        if projected is not None:
+            features.append(projected)
+        return [feature.to(x.dtype) for feature in features]
+
+
+def _prefixes(part: str) -> tuple[str, ...]:
+    """Key prefixes of ``part`` in InternVL's checkpoint layout (``InternVLBackbone.spec``)."""
+    return InternVLBackbone.spec.checkpoint_layouts[0].prefixes[part]
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], directory, what: str) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from earthmind_compat.backbones.base import check_image
 from earthmind_compat.bands import resolve_bands
 from earthmind_compat.errors import ConfigurationError, InputError
 
@@ -88,8 +89,15 @@ class ModalityLayout:
                 out[modality.name] = x[:, torch.tensor(index, device=x.device)]
         return out
 
-    def check_dict(self, inputs: Mapping[str, object], patch_size: int) -> dict[str, torch.Tensor]:
+    def check_dict(
+        self, inputs: Mapping[str, object], patch_size: int, device: torch.device | None = None
+    ) -> dict[str, torch.Tensor]:
         """Check a dict of modalities and return it with our modality order.
+
+        Args:
+            inputs: ``{modality: [B, C_m, H, W]}``.
+            patch_size: The backbone's patch size.
+            device: The backbone's device (``None``: any).
 
         Raises:
             InputError: for a missing or unexpected modality (naming the fix), a tensor of the wrong
@@ -112,7 +120,9 @@ class ModalityLayout:
             )
         checked = {}
         for modality in self.modalities:
-            checked[modality.name] = check_image(inputs[modality.name], modality.channels, patch_size, modality.name)
+            checked[modality.name] = check_image(
+                inputs[modality.name], modality.channels, patch_size, device=device, modality=modality.name
+            )
         sizes = {name: tuple(x.shape[-2:]) for name, x in checked.items()}
         if len(set(sizes.values())) > 1:
             raise InputError(
@@ -200,33 +210,3 @@ def resolve_modalities(
         )
     index = [[stacked.index(b) for b in m.bands] for m in parsed]
     return ModalityLayout(parsed, total, stacked, index)
-
-
-def check_image(x: object, channels: int, patch_size: int, what: str) -> torch.Tensor:
-    """Check one modality's image batch ``[B, channels, H, W]``.
-
-    Raises:
-        InputError: naming the modality, the problem and the fix.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"Modality {what!r} must be a torch.Tensor [B, {channels}, H, W], got {type(x).__name__}.")
-    if x.ndim != 4:
-        raise InputError(f"Modality {what!r} must be a 4-D tensor [B, {channels}, H, W], got shape {tuple(x.shape)}.")
-    batch, bands, height, width = x.shape
-    if batch == 0:
-        raise InputError(f"Modality {what!r} has an empty batch (B=0); pass at least one image.")
-    if bands != channels:
-        raise InputError(
-            f"Modality {what!r} has {bands} bands but the backbone was built for {channels}; "
-            "fix the modalities argument or the datamodule's bands."
-        )
-    if height < patch_size or width < patch_size or height % patch_size or width % patch_size:
-        raise InputError(
-            f"Modality {what!r} has size {height}x{width}, not a positive multiple of the patch size {patch_size}; "
-            "resize or pad it (TerraTorch's EncoderDecoderFactory pads automatically)."
-        )
-    if not torch.is_floating_point(x):
-        raise InputError(f"Modality {what!r} has dtype {x.dtype}; convert it to float and normalise it first.")
-    if not torch.isfinite(x).all():
-        raise InputError(f"Modality {what!r} contains NaN or Inf values; fill or mask no-data pixels first.")
-    return x

@@ -21,18 +21,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from terratorch.registry import BACKBONE_REGISTRY
 from torch import nn
 
+from earthmind_compat import optimize
+from earthmind_compat.backbones import InternVLBackbone, backbone_class
+from earthmind_compat.errors import unknown_name
 from earthmind_compat.optimize.plan import saved_bytes
 from earthmind_compat.optimize.quantize import weight_storages
+from earthmind_compat.optimize.techniques import parse_technique
 
 #: The techniques a benchmark sweep covers, in table order.
 BENCHMARK_TECHNIQUES = ("none", "int8", "nf4", "lora", "ckpt", "qlora")
-
-#: Input side per backbone at the tiny preset (a multiple of every patch grid it needs).
-_TINY_SIDE = {"internvl2_5_4b": 56, "earthmind_v1": 56, "granite_4_tiny": 64}
-#: Input side at the full preset: the pretraining size of InternViT, 224 for Granite.
-_FULL_SIDE = {"internvl2_5_4b": 448, "earthmind_v1": 448, "granite_4_tiny": 224}
 
 
 @dataclass
@@ -93,12 +93,6 @@ def quiet_bitsandbytes() -> None:
         logger.addFilter(_not_int8_cast_notice)
 
 
-def image_side(backbone: str, preset: str) -> int:
-    """Default square input side for ``backbone`` at ``preset``."""
-    table = _TINY_SIDE if preset == "tiny" else _FULL_SIDE
-    return table.get(backbone, 64 if preset == "tiny" else 224)
-
-
 def build_for_benchmark(
     backbone: str, technique: str = "none", preset: str = "tiny", device: str = "cpu", dtype: torch.dtype | None = None
 ) -> nn.Module:
@@ -114,10 +108,6 @@ def build_for_benchmark(
     Returns:
         The model, in train mode.
     """
-    from terratorch.registry import BACKBONE_REGISTRY
-
-    from earthmind_compat import optimize
-
     model = BACKBONE_REGISTRY.build(backbone, preset=preset)
     quiet_bitsandbytes()
     if dtype is not None:
@@ -128,8 +118,8 @@ def build_for_benchmark(
 
 
 def benchmark_input(model: nn.Module, backbone: str, preset: str, batch: int, device: str) -> torch.Tensor:
-    """A reproducible random batch of the default size for ``backbone`` at ``preset``."""
-    side = image_side(backbone, preset)
+    """A reproducible random batch of the size ``backbone`` is benchmarked at, at ``preset`` (``spec.input_sizes``)."""
+    side = backbone_class(backbone).spec.input_size(preset)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, model.in_chans, side, side, generator=generator)
     return x.to(device)
@@ -156,8 +146,6 @@ def make_step(model: nn.Module, mode: str, x: torch.Tensor | dict) -> Callable[[
 
         return forward
     if mode != "train":
-        from earthmind_compat.errors import unknown_name
-
         raise unknown_name("benchmark mode", mode, ("forward", "train"))
     model.train()
 
@@ -215,9 +203,6 @@ def measure(
     Returns:
         A :class:`Measurement`.
     """
-    from earthmind_compat import optimize
-    from earthmind_compat.optimize.techniques import parse_technique
-
     model = build_for_benchmark(backbone, technique, preset, device, dtype)
     x = benchmark_input(model, backbone, preset, batch, device)
     if dtype is not None:
@@ -256,11 +241,9 @@ def wrapper_overhead(preset: str = "tiny", batch: int = 2, rounds: int = 21, sid
         Median CPU seconds of each, and ``overhead``: the median over interleaved pairs of
         ``ours / bare``, minus 1 (negative when ours is cheaper).
     """
-    from terratorch.registry import BACKBONE_REGISTRY
-
-    model = BACKBONE_REGISTRY.build("internvl2_5_4b", preset=preset, out_indices=[-1]).eval()
+    model = BACKBONE_REGISTRY.build(InternVLBackbone.spec.name, preset=preset, out_indices=[-1]).eval()
     bare = model.model
-    side = side or image_side("internvl2_5_4b", preset)
+    side = side or InternVLBackbone.spec.input_size(preset)
     x = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
 
     def cost(call: Callable[[], object]) -> float:

@@ -59,9 +59,9 @@ def sweep(backbones, techniques, modes, preset, device, batch, rounds, desc):
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep, print the table, write JSON and PNG; exit code 1 if a cell failed."""
-    from earthmind_compat.backbones import BACKBONE_BUILDERS
     from earthmind_compat.bench import BENCHMARK_TECHNIQUES
     from earthmind_compat.bench.report import format_table, write_chart, write_json
+    from earthmind_compat.builders import BACKBONE_BUILDERS
     from earthmind_compat.errors import unknown_name
     from earthmind_compat.optimize import parse_technique
 

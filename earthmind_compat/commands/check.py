@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the checks, print the table, write JSON if asked; exit code 1 if any check failed."""
     from tqdm import tqdm
 
-    from earthmind_compat.backbones import BACKBONE_BUILDERS
+    from earthmind_compat.builders import BACKBONE_BUILDERS
     from earthmind_compat.check import FEATURES, format_table, run_checks, validate_names, write_json
 
     backbones = args.backbones or list(BACKBONE_BUILDERS)

@@ -57,9 +57,9 @@ def fidelity(backbone: str, technique: str, preset: str, device: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Measure every requested technique; print the table with fidelity; write JSON and PNG."""
-    from earthmind_compat.backbones import BACKBONE_BUILDERS
     from earthmind_compat.bench import BENCHMARK_TECHNIQUES
     from earthmind_compat.bench.report import align_columns, format_table, write_chart, write_json
+    from earthmind_compat.builders import BACKBONE_BUILDERS
     from earthmind_compat.commands.benchmark import resolve_device, sweep
     from earthmind_compat.errors import unknown_name
     from earthmind_compat.optimize import parse_technique

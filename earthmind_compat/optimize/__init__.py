@@ -20,7 +20,7 @@ from earthmind_compat.optimize.adapters import AdapterExport, export_adapters, l
 from earthmind_compat.optimize.apply import Applied, apply
 from earthmind_compat.optimize.checkpointing import enable_checkpointing, is_checkpointing
 from earthmind_compat.optimize.experts import QuantizedExperts, quantize_experts
-from earthmind_compat.optimize.families import FAMILY_LORA_TARGETS, find_blocks, lora_targets
+from earthmind_compat.optimize.families import find_blocks, lora_targets
 from earthmind_compat.optimize.lora import add_lora, lora_parameters
 from earthmind_compat.optimize.options import OPTION_KEYS
 from earthmind_compat.optimize.quantize import (
@@ -34,7 +34,6 @@ from earthmind_compat.optimize.quantize import (
 from earthmind_compat.optimize.techniques import TECHNIQUES, Techniques, parse_technique
 
 __all__ = [
-    "FAMILY_LORA_TARGETS",
     "OPTION_KEYS",
     "TECHNIQUES",
     "AdapterExport",

@@ -10,6 +10,7 @@ from torch import nn
 
 from earthmind_compat.optimize.checkpointing import enable_checkpointing
 from earthmind_compat.optimize.experts import quantize_experts
+from earthmind_compat.optimize.families import lora_targets
 from earthmind_compat.optimize.lora import LORA_DEFAULTS, add_lora
 from earthmind_compat.optimize.quantize import quantize_linears
 from earthmind_compat.optimize.techniques import Techniques, parse_technique
@@ -59,7 +60,7 @@ def apply(
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha.
         lora_dropout: LoRA dropout.
-        lora_target_modules: Override the family's LoRA targets.
+        lora_target_modules: Override the backbone's LoRA targets (``spec.lora_targets``).
         compute_dtype: dtype of 4-bit matmuls (default: the input's).
         quantize_moe_experts: Also quantize MoE expert stacks (Granite); False leaves them in full precision.
 
@@ -82,8 +83,6 @@ def apply(
             )
     if techniques.lora:
         add_lora(backbone, lora_r, lora_alpha, lora_dropout, lora_target_modules, kbit_prep=techniques.kbit_prep)
-        from earthmind_compat.optimize.families import lora_targets
-
         done.lora_targets = list(lora_target_modules or lora_targets(backbone))
     if techniques.checkpointing:
         done.checkpointing = enable_checkpointing(backbone)

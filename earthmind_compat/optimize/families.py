@@ -1,40 +1,16 @@
-"""Where each backbone family keeps its repeated blocks and which of its layers LoRA adapts.
+"""Where each backbone keeps its repeated blocks and which of its layers LoRA adapts.
 
-Everything here works from the backbone object itself (its ``family`` attribute and its modules), so a
-backbone added to :data:`earthmind_compat.backbones.BACKBONE_BUILDERS` later joins without an edit: an
-unknown family gets the linear layers found inside its blocks as LoRA targets.
+Everything here works from the backbone object itself (its spec and its modules): the LoRA targets are
+``backbone.spec.lora_targets``, and a backbone whose spec pins none gets the linear layers found inside its
+blocks.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from earthmind_compat.backbones.base import TokenBackbone
 from earthmind_compat.errors import ConfigurationError
-
-#: LoRA target module names (peft matches them as suffixes of module paths), per family. Pinned here so a
-#: rename in a transformers release is noticed: a test compares them with :func:`derived_lora_targets`.
-FAMILY_LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    # InternViT: attention projections and the MLP.
-    "internvl": ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"),
-    # Granite 4.0 H: attention projections, Mamba in/out projections and the shared MLP. The 64 routed experts
-    # per layer are left out (LoRA on each would multiply adapters by 64; they are quantized instead).
-    "granite": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "input_linear", "output_linear"),
-}
-
-
-def family_of(backbone: nn.Module) -> str:
-    """The ``family`` attribute of a backbone (``"internvl"``, ``"granite"``, ...).
-
-    Raises:
-        ConfigurationError: if the module has no ``family`` attribute (it is not one of our backbones).
-    """
-    family = getattr(backbone, "family", None)
-    if not isinstance(family, str):
-        raise ConfigurationError(
-            f"{type(backbone).__name__} has no 'family' attribute; optimize techniques apply to earthmind-compat "
-            "backbones (build one with earthmind_compat.build_backbone or BACKBONE_REGISTRY.build)."
-        )
-    return family
 
 
 def find_blocks(backbone: nn.Module) -> nn.ModuleList:
@@ -68,7 +44,7 @@ def _linear_types() -> tuple[type, ...]:
 def derived_lora_targets(backbone: nn.Module) -> tuple[str, ...]:
     """Names of the linear layers inside the blocks (last path component), excluding MoE expert stacks.
 
-    This is what an unknown family gets as LoRA targets, and what the pinned lists are checked against.
+    This is what a backbone without pinned LoRA targets gets, and what the pinned lists are checked against.
     """
     linear = _linear_types()
     names: list[str] = []
@@ -98,8 +74,18 @@ def linear_paths(module: nn.Module, names: tuple[str, ...] | list[str]) -> list[
 
 
 def lora_targets(backbone: nn.Module) -> tuple[str, ...]:
-    """LoRA target module names for ``backbone``: the pinned family list, or the derived one for a new family."""
-    return FAMILY_LORA_TARGETS.get(family_of(backbone)) or derived_lora_targets(backbone)
+    """LoRA target module names for ``backbone``: its spec's pinned list, or the derived one where none is pinned.
+
+    Raises:
+        ConfigurationError: if the module is not an earthmind-compat backbone.
+    """
+    if not isinstance(backbone, TokenBackbone):
+        raise ConfigurationError(
+            f"{type(backbone).__name__} is not an earthmind-compat backbone (it has no spec with LoRA targets); "
+            "optimize techniques apply to earthmind-compat backbones (build one with earthmind_compat.build_backbone "
+            "or BACKBONE_REGISTRY.build), or pass the target modules yourself."
+        )
+    return backbone.spec.lora_targets or derived_lora_targets(backbone)
 
 
 def block_classes(backbone: nn.Module) -> set[type]:

@@ -1,4 +1,4 @@
-"""LoRA and QLoRA through peft, with per-family target modules, injected in place.
+"""LoRA and QLoRA through peft, with each backbone's target modules, injected in place.
 
 The adapters are injected with ``peft.inject_adapter_in_model``: the backbone stays the same object (its
 ``out_channels``, ``forward`` and state-dict keys are unchanged apart from the added ``lora_`` tensors), so
@@ -37,8 +37,8 @@ def add_lora(
         r: Adapter rank.
         alpha: LoRA scaling numerator (the update is scaled by ``alpha / r``).
         dropout: Dropout on the adapter input.
-        target_modules: Module names to adapt (default: the family's, see
-            :data:`earthmind_compat.optimize.families.FAMILY_LORA_TARGETS`).
+        target_modules: Module names to adapt (default: the backbone's, ``backbone.spec.lora_targets``; see
+            :func:`earthmind_compat.optimize.families.lora_targets`).
         kbit_prep: Run peft's ``prepare_model_for_kbit_training`` first (QLoRA): freezes the base weights and
             upcasts half-precision non-quantized parameters to float32 for stable training.
 

@@ -1,7 +1,8 @@
 """Backbone constructor options that switch techniques on, for Python and TerraTorch YAML alike.
 
-Every earthmind-compat backbone accepts these keyword arguments (``backbone_<name>`` in a TerraTorch
-config); they are taken out before the backbone's own ``__init__`` runs and applied once it has finished:
+Every registered earthmind-compat backbone (:mod:`earthmind_compat.builders`) accepts these keyword arguments
+(``backbone_<name>`` in a TerraTorch config); the builder takes them out, checks them, builds the backbone
+class without them and applies them once it is built:
 
 - ``quantization``: ``"int8"``, ``"nf4"``, ``"fp4"``, ``"nf4+dq"``, or a mapping
   ``{type: nf4, double_quant: true, experts: true}``.
@@ -12,14 +13,14 @@ config); they are taken out before the backbone's own ``__init__`` runs and appl
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Mapping
 
 from torch import nn
 
-from earthmind_compat.arguments import check_boolean_call, check_booleans
+from earthmind_compat.arguments import check_booleans
 from earthmind_compat.errors import ConfigurationError, did_you_mean
+from earthmind_compat.optimize.apply import apply
+from earthmind_compat.optimize.techniques import parse_technique
 
 #: Constructor keywords handled here.
 OPTION_KEYS = ("technique", "quantization", "lora", "activation_checkpointing")
@@ -42,8 +43,6 @@ def resolve_options(options: Mapping[str, object]) -> tuple[str, dict]:
     Raises:
         ConfigurationError: for malformed values or ``technique`` combined with the other keys.
     """
-    from earthmind_compat.optimize.techniques import parse_technique
-
     technique = options.get("technique")
     others = [k for k in OPTION_KEYS[1:] if options.get(k) not in (None, False)]
     if technique is not None and others:
@@ -94,42 +93,4 @@ def apply_options(backbone: nn.Module, options: Mapping[str, object]) -> None:
     technique, kwargs = resolve_options(options)
     if technique == "none" and not kwargs:
         return
-    from earthmind_compat.optimize.apply import apply
-
     apply(backbone, technique, **kwargs)
-
-
-def wrap_constructor(cls: type) -> None:
-    """Make ``cls.__init__`` accept :data:`OPTION_KEYS` and apply them after the outermost ``__init__``.
-
-    Called from ``TokenBackbone.__init_subclass__``; a subclass calling ``super().__init__`` gets the
-    techniques applied once, after its own modules exist.
-    """
-    init = cls.__dict__.get("__init__")
-    if init is None or getattr(init, "_earthmind_options", False):
-        return
-
-    @functools.wraps(init)
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        options = {key: kwargs.pop(key) for key in OPTION_KEYS if key in kwargs}
-        outermost = not self.__dict__.get("_earthmind_constructing", False)
-        if outermost:
-            check_boolean_call(init, cls.__name__, (self, *args), kwargs)  # "false" is not False
-            resolve_options(options)  # fail on bad options before building anything
-            self.__dict__["_earthmind_constructing"] = True
-        try:
-            init(self, *args, **kwargs)
-        finally:
-            if outermost:
-                self.__dict__.pop("_earthmind_constructing", None)
-        if outermost:
-            apply_options(self, options)
-
-    signature = inspect.signature(init)
-    params = list(signature.parameters.values())
-    extra = [inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None) for key in OPTION_KEYS]
-    var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
-    rest = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    __init__.__signature__ = signature.replace(parameters=rest + extra + var_kw)
-    __init__._earthmind_options = True
-    cls.__init__ = __init__

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from earthmind_compat.errors import ConfigurationError
+from earthmind_compat.backbones import backbone_class
+from earthmind_compat.errors import ConfigurationError, unknown_name
 from earthmind_compat.optimize.experts import is_fused_experts, quantize_experts
 from earthmind_compat.optimize.families import find_blocks, linear_paths, lora_targets
 from earthmind_compat.optimize.quantize import BLOCKSIZE_4BIT, weight_storages
@@ -134,14 +135,13 @@ def count_weights(backbone: nn.Module, techniques: Techniques, lora_r: int = 8) 
 
 
 def build_on_meta(backbone_name: str, preset: str, in_chans: int = 3) -> nn.Module:
-    """Build a backbone by name on the meta device (no memory, any size)."""
-    from earthmind_compat.backbones import BACKBONE_BUILDERS
-    from earthmind_compat.errors import unknown_name
+    """Build a backbone by name on the meta device (no memory, any size).
 
-    if backbone_name not in BACKBONE_BUILDERS:
-        raise unknown_name("backbone", backbone_name, BACKBONE_BUILDERS)
+    Raises:
+        UnknownNameError: for a name that is not one of ours, or an unknown preset.
+    """
     with torch.device("meta"):
-        return BACKBONE_BUILDERS[backbone_name](preset=preset, in_chans=in_chans)
+        return backbone_class(backbone_name)(preset=preset, in_chans=in_chans)
 
 
 def _block_kind(block: nn.Module) -> tuple:
@@ -298,8 +298,6 @@ def plan_memory(
         UnknownNameError: for an unknown backbone, preset, technique or optimizer.
         ConfigurationError: for non-positive sizes.
     """
-    from earthmind_compat.errors import unknown_name
-
     techniques = parse_technique(technique)
     if optimizer not in OPTIMIZER_STATE_BYTES:
         raise unknown_name("optimizer", optimizer, OPTIMIZER_STATE_BYTES)

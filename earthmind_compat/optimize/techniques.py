@@ -18,7 +18,7 @@ TECHNIQUES: dict[str, str] = {
     "nf4": "bitsandbytes 4-bit NormalFloat weights (Linear4bit) for every linear layer and MoE expert",
     "fp4": "bitsandbytes 4-bit float weights (Linear4bit) for every linear layer and MoE expert",
     "dq": "double quantization: the 4-bit block scales are themselves quantized (needs nf4 or fp4)",
-    "lora": "peft LoRA adapters on the family's target modules; the base weights are frozen",
+    "lora": "peft LoRA adapters on the backbone's target modules; the base weights are frozen",
     "qlora": "QLoRA: nf4 + dq + k-bit training preparation + LoRA",
     "ckpt": "activation checkpointing of every block (recomputed in the backward pass)",
 }

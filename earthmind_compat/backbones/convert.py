@@ -20,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import InternVLVisionModel
+from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
+from earthmind_compat.backbones.fusion import CrossModalGate
+from earthmind_compat.backbones.internvl import projector_config, vision_config_from_preset
 from earthmind_compat.errors import WeightsError
 from earthmind_compat.weights import checkpoint_keys, load_tensors, open_safetensors, read_config, safetensors_files
 
@@ -235,12 +239,6 @@ def plan_keys(keys: Iterable[str], rules: Sequence[KeyRule] = KEY_RULES) -> KeyP
 
 def native_shapes(settings: RemoteSettings) -> dict[str, torch.Size]:
     """Names and shapes of every native tensor the checkpoint must fill (built on the meta device)."""
-    from transformers import InternVLVisionModel
-    from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
-
-    from earthmind_compat.backbones.fusion import CrossModalGate
-    from earthmind_compat.backbones.internvl import projector_config, vision_config_from_preset
-
     vision_config = vision_config_from_preset(settings.vision, 3, None)
     with torch.device("meta"):
         parts = {
