@@ -36,8 +36,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 GPU_ON_CPU = os.environ.get("EARTHMIND_GPU_ON_CPU", "") == "1"
 
 
+#: The suite's layers (markers in pyproject.toml); every test belongs to at least one.
+LAYERS = frozenset({"registry", "shapes", "numerics", "benchmark", "e2e", "reliability", "gpu"})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
+
+    unmarked = [item.nodeid for item in items if not LAYERS & {mark.name for mark in item.iter_markers()}]
+    if unmarked:
+        raise pytest.UsageError(
+            f"{len(unmarked)} tests belong to no layer ({', '.join(sorted(LAYERS))}), e.g. {unmarked[:3]}; "
+            "mark them (pytestmark or @pytest.mark.<layer>)."
+        )
 
     if torch.cuda.is_available() or GPU_ON_CPU:
         return

@@ -46,6 +46,7 @@ def _worker(rank: int, world: int, name: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ["internvl2_5_4b", pytest.param("granite_4_tiny", marks=pytest.mark.slow)])
 def test_ddp_two_processes_match_one_process(name, tmp_path):
     mp.spawn(_worker, args=(2, name, str(tmp_path)), nprocs=2, join=True)
@@ -61,6 +62,7 @@ def test_ddp_two_processes_match_one_process(name, tmp_path):
             torch.testing.assert_close(g, expected[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.registry
 def test_strategies_for_backbones():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 

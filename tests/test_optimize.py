@@ -25,6 +25,7 @@ from earthmind_compat.optimize.plan import build_on_meta
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 
+@pytest.mark.registry
 def test_parse_technique():
     assert parse_technique("qlora+ckpt").name == "nf4+dq+lora+ckpt"
     assert parse_technique(None).name == "none"
@@ -36,12 +37,14 @@ def test_parse_technique():
         parse_technique("int8+dq")
 
 
+@pytest.mark.registry
 @pytest.mark.parametrize("name", sorted(BACKBONE_BUILDERS))
 def test_pinned_lora_targets_match_the_model(name):
     model = BACKBONE_BUILDERS[name](preset="tiny")
     assert set(model.spec.lora_targets) == set(derived_lora_targets(model))
 
 
+@pytest.mark.registry
 def test_yaml_route_through_terratorch_factory():
     model = EncoderDecoderFactory().build_model(
         "segmentation",
@@ -61,6 +64,7 @@ def test_yaml_route_through_terratorch_factory():
     assert lora and all(p.grad is not None for p in lora)
 
 
+@pytest.mark.reliability
 def test_bad_options_raise_clear_errors():
     with pytest.raises(ConfigurationError, match="Did you mean 'quantization'"):
         BACKBONE_BUILDERS["internvl2_5_4b"](preset="tiny", quantisation="nf4")
@@ -70,6 +74,7 @@ def test_bad_options_raise_clear_errors():
         BACKBONE_BUILDERS["internvl2_5_4b"](preset="tiny", technique="nf4", lora=True)
 
 
+@pytest.mark.registry
 def test_terratorch_peft_config_works_with_our_quantization():
     model = EncoderDecoderFactory().build_model(
         "segmentation",
@@ -86,6 +91,7 @@ def test_terratorch_peft_config_works_with_our_quantization():
     assert any("lora_A.default" in n for n, _ in model.encoder.named_parameters())
 
 
+@pytest.mark.numerics
 def test_split_experts_equal_fused_experts_exactly():
     torch.manual_seed(0)
     backbone = BACKBONE_BUILDERS["granite_4_tiny"](preset="tiny").eval()
@@ -98,6 +104,7 @@ def test_split_experts_equal_fused_experts_exactly():
         torch.testing.assert_close(fused(x), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_granite_expert_quantization_share():
     backbone = BACKBONE_BUILDERS["granite_4_tiny"](preset="tiny", quantization={"type": "nf4", "experts": False})
     before = weight_share(backbone)
@@ -113,6 +120,7 @@ def test_granite_expert_quantization_share():
     assert (linear + experts) / total > 0.95
 
 
+@pytest.mark.numerics
 def test_load_time_quantization_from_a_saved_tiny_checkpoint(tiny_granite_dir):
     import bitsandbytes as bnb
     from transformers import GraniteMoeHybridModel
@@ -144,6 +152,7 @@ def test_load_time_quantization_from_a_saved_tiny_checkpoint(tiny_granite_dir):
     assert 0.95 < cosine < 1.0, cosine
 
 
+@pytest.mark.numerics
 def test_cpu_repacking_trap_is_avoided(monkeypatch):
     """bitsandbytes repacks 4-bit weights on AVX512-BF16 CPUs in eval/no-grad and asserts out % 32 == 0."""
     import bitsandbytes.nn.modules as bnb_modules

@@ -21,7 +21,11 @@ from earthmind_compat.optimize.plan import (
 )
 from earthmind_compat.optimize.techniques import parse_technique
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+pytestmark = [
+    pytest.mark.numerics,  # the planner's byte counts and estimates against built and measured models
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
 
 
 @pytest.mark.parametrize("technique", ["none", "int8", "nf4", "fp4", "nf4+dq", "nf4+lora", "lora"])
