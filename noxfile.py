@@ -382,11 +382,13 @@ def mutation(session: nox.Session) -> None:
         shutil.copy2(ROOT / name, work / name)
     children = session.posargs[0] if session.posargs else "2"
     patterns = session.posargs[1:] or [p for group in MUTATION_TARGETS.values() for p in group]
+    # One intra-op thread: mutmut forks its workers from a process in which torch may already have started its
+    # OpenMP pool, and a forked child that runs a parallel op then hangs (every mutant of the key map, whose
+    # tests run convolutions, came out as a timeout). It also keeps the run to the cores --max-children says.
+    env = {"HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.monotonic()
     with session.chdir(work):
-        session.run(
-            "mutmut", "run", "--max-children", children, *patterns, env={"HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
-        )
+        session.run("mutmut", "run", "--max-children", children, *patterns, env=env)
     elapsed = time.monotonic() - started
 
     # mutmut's own reading of a mutant's exit code (mutmut/stats.py, 3.8)

@@ -228,6 +228,10 @@ def test_missing_and_unexpected_keys_are_listed_three_at_a_time() -> None:
         HEAD + "it lacks ['blocks.2.fc.weight', 'blocks.3.fc.weight', 'blocks.4.fc.weight'] and has [] beyond this "
         "model: other layer or projector settings (preset depth, with_projector, modalities) than at training time."
     )
+    assert describe_mismatch(OWNER, three, _own()) == (
+        HEAD + "it lacks [] and has ['blocks.2.fc.weight', 'blocks.3.fc.weight', 'blocks.4.fc.weight'] beyond this "
+        "model: other layer or projector settings (preset depth, with_projector, modalities) than at training time."
+    )
     assert describe_mismatch(OWNER, own, _own()).startswith(
         HEAD + "it lacks [] and has ['blocks.2.fc.weight', 'blocks.3.fc.weight', 'blocks.4.fc.weight'] ... beyond"
     )
