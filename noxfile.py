@@ -385,10 +385,10 @@ def mutation(session: nox.Session) -> None:
     # One intra-op thread: workers are forked from a process in which torch may already have started its OpenMP
     # pool (a forked child that then runs a parallel op can hang), and the run keeps to --max-children cores.
     env = {"HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    # The key map's tests hang in workers forked from a server that collected the test modules first (mutmut's
-    # default warm-up; every such mutant came out as a timeout, yet each fails its tests when run on its own).
-    # They run in a second pass whose workers import the tests themselves: slower (about 25 s a mutant here),
-    # but their verdicts are real. The warm-up does not enter mutmut's result cache keys, so pass 1 results stay.
+    # The key map's tests die (exit code 255, which mutmut files as "timeout") in workers forked from a server
+    # that collected the test modules first, mutmut's default warm-up; yet each such mutant fails its tests when
+    # run on its own. They run in a second pass whose workers import the tests themselves: slower (about 25 s a
+    # mutant here), but the verdicts are real. The warm-up is not part of mutmut's cache keys: pass 1 results stay.
     key_map = set(MUTATION_TARGETS["convert (key map)"])
     first = [p for p in patterns if p not in key_map]
     second = [p for p in patterns if p in key_map]
