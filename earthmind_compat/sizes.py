@@ -19,7 +19,7 @@ def parse_size(text: str | int | None) -> int | None:
     """
     if text is None or isinstance(text, int):
         return text
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.IGNORECASE)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.IGNORECASE)
     if not match:
         raise ConfigurationError(f"Cannot read the memory size {text!r}; write it like 24GiB, 80GB or 512MiB.")
     value, unit, binary = float(match.group(1)), match.group(2).upper(), bool(match.group(3))

@@ -52,11 +52,6 @@ def test_parse_size_refuses_unreadable_sizes(text: str) -> None:
     assert repr(text) in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug: '1.2.3' matches [0-9.]+ and float() raises ValueError instead of ConfigurationError",
-)
 def test_parse_size_refuses_a_malformed_number() -> None:
     with pytest.raises(ConfigurationError):
         parse_size("1.2.3")
