@@ -244,3 +244,11 @@ def test_more_than_five_wrong_shapes_are_cut(monkeypatch: pytest.MonkeyPatch) ->
     assert message == (
         f"The EarthMind checkpoint in /ckpt has tensors of the wrong shape for its config: {wrong[:5]} ... (6 in all)."
     )
+
+
+def test_a_rule_with_two_targets_splits_in_halves(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(convert, "native_shapes", lambda settings: {"x": torch.Size([2, 2]), "y": torch.Size([2, 2])})
+    rules = (convert.KeyRule(r"kv", ("x", "y")),)
+    out = convert.convert_checkpoint(_checkpoint({"kv": torch.arange(8.0).reshape(4, 2)}), settings=None, rules=rules)
+    assert torch.equal(out["x"], torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+    assert torch.equal(out["y"], torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
