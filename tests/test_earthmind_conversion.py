@@ -44,15 +44,14 @@ def test_converted_forward_equals_the_original_layout(remote, size):
     sar, optical = (torch.randn(2, 3, size, size, generator=generator) for _ in range(2))
     with torch.no_grad():
         ours = model.forward_modalities({"sar": sar, "optical": optical})
-        tokens, sar_gate, optical_gate = reference.fuse(sar, optical)
+        tokens = reference.generate_multi_tokens(sar, optical)  # the release's inference (fusion="concat")
         states = reference.vision_model.hidden_states(optical)
     assert (ours.sequence() - tokens).abs().max() <= 1e-5
-    assert (ours.fusion.gates[0] - sar_gate).abs().max() <= 1e-5
-    assert (ours.fusion.gates[1] - optical_gate).abs().max() <= 1e-5
+    assert ours.fusion.gates is None
     for layer, feature in zip([0, 1, 2], ours.layers["optical"], strict=True):
         assert (feature - states[layer + 1][:, 1:]).abs().max() <= 1e-5
     grid = model.features(ours)[-1]  # the TerraTorch feature holds the same values per position
-    assert torch.equal(grid, torch.cat(ours.fusion.gated, dim=-1))
+    assert torch.equal(grid, torch.cat(ours.fusion.tokens, dim=-1))
 
 
 def test_select_layer_picks_the_projected_layer(tmp_path):
@@ -61,18 +60,19 @@ def test_select_layer_picks_the_projected_layer(tmp_path):
     assert model.projector_layer == 1
     x = {"sar": torch.randn(1, 3, 56, 56), "optical": torch.randn(1, 3, 56, 56)}
     with torch.no_grad():
-        assert (model.forward_modalities(x).sequence() - reference.fuse(*x.values())[0]).abs().max() <= 1e-5
+        expected = reference.generate_multi_tokens(*x.values())
+        assert (model.forward_modalities(x).sequence() - expected).abs().max() <= 1e-5
 
 
-def test_swapping_exchanges_halves_because_the_released_gate_is_symmetric(remote):
+def test_swapping_exchanges_halves_because_the_training_gate_is_symmetric(remote):
     """With the released weights both modalities share one kernel; the gate form is symmetric in the two."""
-    model = converted(remote[0])
+    model = converted(remote[0], fusion="gate")
     a, b = torch.randn(1, 3, 56, 56), torch.randn(1, 3, 56, 56)
     with torch.no_grad():
         straight = model.forward_modalities({"sar": a, "optical": b}).fusion
         swapped = model.forward_modalities({"sar": b, "optical": a}).fusion
     assert torch.allclose(straight.gates[0], straight.gates[1], atol=1e-6)
-    assert torch.allclose(straight.gated[0], swapped.gated[1], atol=1e-6)
+    assert torch.allclose(straight.tokens[0], swapped.tokens[1], atol=1e-6)
     assert not torch.allclose(straight.sequence(), swapped.sequence(), atol=1e-4)
 
 
@@ -82,7 +82,7 @@ def test_named_bands_reuse_the_released_kernel(remote):
     vv, rgb = torch.randn(1, 1, 56, 56), torch.randn(1, 3, 56, 56)
     with torch.no_grad():
         ours = model.forward_modalities({"S1GRD": vv, "S2L2A": rgb.flip(1)})  # the datamodule gives B, G, R
-        tokens = reference.fuse(vv.repeat(1, 3, 1, 1), rgb)[0]  # EarthMind saw SAR as a grey RGB image
+        tokens = reference.generate_multi_tokens(vv.repeat(1, 3, 1, 1), rgb)  # EarthMind saw SAR as grey RGB
     assert (ours.sequence() - tokens).abs().max() <= 1e-5
 
 

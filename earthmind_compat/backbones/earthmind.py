@@ -1,19 +1,21 @@
-"""EarthMind (InternVL2.5-4B + SAR/optical gating) as a TerraTorch backbone, from the native classes.
+"""EarthMind (InternVL2.5-4B + SAR/optical fusion) as a TerraTorch backbone, from the native classes.
 
 EarthMind passes its SAR image and its optical image through the same InternViT-300M tower and the same
-projector (pixel shuffle 0.5, then the MLP to the language model width, 2048), gates the two projected
-token sequences against each other (:mod:`earthmind_compat.backbones.fusion`) and hands them to the
-language model. This backbone rebuilds the image side from ``transformers``' ``InternVLVisionModel`` and
+projector (pixel shuffle 0.5, then the MLP to the language model width, 2048) and hands both projected
+token sequences to the language model, SAR first (:mod:`earthmind_compat.backbones.fusion`:
+``fusion="concat"``, the release's inference, by default; ``fusion="gate"`` for its training-time gating).
+This backbone rebuilds the image side from ``transformers``' ``InternVLVisionModel`` and
 ``InternVLMultiModalProjector``, loads the released checkpoint through :mod:`earthmind_compat.backbones.convert`,
 and returns TerraTorch features:
 
 * one feature per layer in ``out_indices``: the tower's tokens of every modality, side by side on the
   channel axis, ``[B, N, n_modalities * hidden]`` (SAR channels first);
 * with ``with_projector=True``, a last feature with the fused projected tokens, ``[B, N / 4, 2 * 2048]``:
-  per 2x2 patch block, the gated SAR token and the gated optical token side by side. (The language model
-  reads the same values as a sequence, all SAR tokens then all optical ones: :meth:`EarthMindOutput.sequence`.)
+  per 2x2 patch block, the SAR token and the optical token side by side (gated with ``fusion="gate"``). The
+  language model reads the same values as a sequence, all SAR tokens then all optical ones
+  (:meth:`EarthMindOutput.sequence`, :func:`~earthmind_compat.backbones.fusion.sequence_from_grid`).
 
-With one modality (or without ``modalities``) it is EarthMind's single-image path: no gating, and the
+With one modality (or without ``modalities``) it is EarthMind's single-image path: nothing to fuse, and the
 projected feature is the projected tokens of that modality.
 """
 
@@ -36,7 +38,14 @@ from earthmind_compat.backbones.convert import (
     remote_settings,
     split_layout,
 )
-from earthmind_compat.backbones.fusion import CrossModalGate, FusionOutput
+from earthmind_compat.backbones.fusion import (
+    DEFAULT_FUSION,
+    ConcatFusion,
+    CrossModalGate,
+    FusionOutput,
+    build_fusion,
+    resolve_fusion,
+)
 from earthmind_compat.backbones.internvl import (
     INTERNVIT_LORA_TARGETS,
     INTERNVL_PRESETS,
@@ -53,7 +62,7 @@ from earthmind_compat.errors import ConfigurationError, WeightsError
 from earthmind_compat.weights import resolve_weights_dir
 
 #: ``tiny`` for tests; ``full`` is EarthMind-4B's image side: InternViT-300M-448px-V2.5 and a projector to
-#: Qwen2.5-3B's width 2048 (the gate has the same width).
+#: Qwen2.5-3B's width 2048 (``local_query`` has the same width).
 EARTHMIND_PRESETS: dict[str, dict] = {"tiny": dict(INTERNVL_PRESETS["tiny"]), "full": dict(INTERNVL_PRESETS["full"])}
 
 
@@ -63,8 +72,9 @@ class EarthMindOutput:
 
     Attributes:
         layers: Per modality, the tokens of each layer in ``out_indices`` (with CLS if ``keep_cls_token``).
-        projected: Per modality, the projected tokens ``[B, N / 4, text_hidden]`` before gating (or ``None``).
-        fusion: Gated tokens and gates when two modalities are fused with the projector (else ``None``).
+        projected: Per modality, the projected tokens ``[B, N / 4, text_hidden]`` before fusion (or ``None``).
+        fusion: The fused tokens (and gates with ``fusion="gate"``) when two modalities meet at the projector
+            (else ``None``).
     """
 
     layers: dict[str, list[torch.Tensor]]
@@ -81,7 +91,7 @@ class EarthMindOutput:
 
 
 class EarthMindBackbone(TokenBackbone):
-    """EarthMind's image side: shared InternViT tower, projector and cross-modal gating of SAR and optical.
+    """EarthMind's image side: shared InternViT tower, projector and the fusion of SAR and optical tokens.
 
     Args:
         preset: ``"tiny"`` (tests) or ``"full"`` (EarthMind-4B dimensions, random init).
@@ -98,8 +108,13 @@ class EarthMindBackbone(TokenBackbone):
         out_indices: Vision layers whose tokens are returned (default: four spread over the depth).
         keep_cls_token: Keep each modality's CLS token at index 0 of the layer features (default False, so
             every feature, projected ones included, is a plain token grid).
-        with_projector: Also return the fused projected tokens as a last feature (the gated tokens EarthMind
-            feeds its language model, laid out per position). Needs an even token grid.
+        with_projector: Also return the fused projected tokens as a last feature (the tokens EarthMind feeds
+            its language model, laid out per position). Needs an even token grid.
+        fusion: How two modalities' projected tokens are combined: ``"concat"`` (default; the release's
+            inference, ``generate_multi``: SAR and optical tokens as they are, SAR first) or ``"gate"`` (the
+            training class's sigmoid gates from ``local_query``; opt-in, needs two modalities and
+            ``with_projector=True``; the released queries are probably an untrained random draw, see
+            :mod:`~earthmind_compat.backbones.fusion`). Checkpoints of either mode load into the other.
         image_size: Position-embedding grid size in pixels (other input sizes are interpolated).
         allow_pickle: Read pickle checkpoints with ``weights_only=True`` when no safetensors exist.
         dtype: dtype the backbone's weights and computation use, whatever the checkpoint stores:
@@ -117,7 +132,7 @@ class EarthMindBackbone(TokenBackbone):
     spec = BackboneSpec(
         name="earthmind_v1",
         family="earthmind",
-        summary="EarthMind-4B's image side: InternViT, projector and SAR/optical gating",
+        summary="EarthMind-4B's image side: InternViT, projector and SAR/optical fusion",
         presets=EARTHMIND_PRESETS,
         input_sizes={"tiny": 56, "full": 448},
         lora_targets=INTERNVIT_LORA_TARGETS,
@@ -144,6 +159,7 @@ class EarthMindBackbone(TokenBackbone):
         out_indices: Sequence[int] | None = None,
         keep_cls_token: bool = False,
         with_projector: bool = False,
+        fusion: str = DEFAULT_FUSION,
         image_size: int | None = None,
         allow_pickle: bool = False,
         dtype: str | torch.dtype | None = None,
@@ -154,6 +170,13 @@ class EarthMindBackbone(TokenBackbone):
         compute_dtype = resolve_dtype(dtype)
         self.layout: ModalityLayout = resolve_modalities(modalities, in_chans, bands)
         self.in_chans, self.bands = self.layout.in_chans, self.layout.bands
+        self.fusion_mode = resolve_fusion(fusion)
+        if self.fusion_mode == "gate" and not (with_projector and len(self.layout.modalities) == 2):
+            raise ConfigurationError(
+                "fusion='gate' gates the projected tokens of two modalities against each other, so it needs "
+                "with_projector=True and two modalities (e.g. modalities={'S1GRD': ['VV', 'VH'], 'S2L2A': "
+                "['BLUE', 'GREEN', 'RED']}); use the default fusion='concat' otherwise."
+            )
         if with_projector and keep_cls_token:
             raise ConfigurationError(
                 "with_projector=True adds projected tokens, which have no CLS token, so keep_cls_token=True would "
@@ -179,11 +202,12 @@ class EarthMindBackbone(TokenBackbone):
             aux_config.num_channels = others[0].channels
             self.aux_patch_embeddings = InternVLVisionPatchEmbeddings(aux_config)
         self.projector: InternVLMultiModalProjector | None = None
-        self.gate: CrossModalGate | None = None
+        # ``gate`` holds ``local_query`` in both fusion modes (a buffer with "concat"), one state-dict key for both
+        self.gate: ConcatFusion | CrossModalGate | None = None
         if with_projector:
             self.projector = InternVLMultiModalProjector(projector_config(self.vision_config, self.text_hidden_size))
             if others:
-                self.gate = CrossModalGate(self.text_hidden_size)
+                self.gate = build_fusion(self.fusion_mode, self.text_hidden_size)
         self.with_projector = bool(with_projector)
 
         num_layers = self.vision_config.num_hidden_layers
@@ -253,7 +277,7 @@ class EarthMindBackbone(TokenBackbone):
         return embeddings.dropout(tokens)
 
     def forward_modalities(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> EarthMindOutput:
-        """Run the tower on every modality (one batch), then the projector and the gating.
+        """Run the tower on every modality (one batch), then the projector and the fusion.
 
         Args:
             x: A dict ``{modality: [B, C_m, H, W]}`` or a stacked ``[B, in_chans, H, W]`` tensor.
