@@ -324,29 +324,32 @@ def test_full_preset_matches_published_sizes():
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("fusion", ["concat", "gate"])
-def test_one_training_step_of_a_segmentation_task_on_sar_and_optical(fusion):
+def test_one_training_step_of_a_segmentation_task_on_sar_and_optical(fusion, tmp_path):
     import lightning.pytorch as pl
     from terratorch.tasks import SemanticSegmentationTask
     from torch.utils.data import DataLoader
 
-    torch.manual_seed(0)
-    task = SemanticSegmentationTask(
-        model_factory="EncoderDecoderFactory",
-        model_args={
-            "backbone": "earthmind_v1",
-            "backbone_preset": "tiny",
-            "backbone_modalities": SAR_OPTICAL,
-            "backbone_with_projector": True,
-            "backbone_fusion": fusion,
-            "necks": [{"name": "ReshapeTokensToImage", "remove_cls_token": False}],
-            "decoder": "UperNetDecoder",
-            "decoder_channels": 16,
-            "num_classes": 2,
-        },
-        loss="ce",
-        ignore_index=-1,
-        lr=1e-3,
-    )
+    def segmentation_task(fusion: str, seed: int) -> SemanticSegmentationTask:
+        torch.manual_seed(seed)
+        return SemanticSegmentationTask(
+            model_factory="EncoderDecoderFactory",
+            model_args={
+                "backbone": "earthmind_v1",
+                "backbone_preset": "tiny",
+                "backbone_modalities": SAR_OPTICAL,
+                "backbone_with_projector": True,
+                "backbone_fusion": fusion,
+                "necks": [{"name": "ReshapeTokensToImage", "remove_cls_token": False}],
+                "decoder": "UperNetDecoder",
+                "decoder_channels": 16,
+                "num_classes": 2,
+            },
+            loss="ce",
+            ignore_index=-1,
+            lr=1e-3,
+        )
+
+    task = segmentation_task(fusion, seed=0)
     generator = torch.Generator().manual_seed(0)
     samples = [
         {
@@ -377,3 +380,16 @@ def test_one_training_step_of_a_segmentation_task_on_sar_and_optical(fusion):
     # trained with the gate; with "concat" kept (in the state dict, for checkpoints) but not a parameter
     assert ("gate.local_query" in before) == (fusion == "gate")
     assert "gate.local_query" in task.model.encoder.state_dict()
+
+    # the Lightning checkpoint reloads strictly into a fresh task of the same mode (same outputs) and of the other
+    trainer.save_checkpoint(tmp_path / "step.ckpt")
+    state = torch.load(tmp_path / "step.ckpt", weights_only=True)["state_dict"]
+    batch = {name: torch.stack([s["image"][name] for s in samples]) for name in SAR_OPTICAL}
+    task.eval()
+    for mode in ("concat", "gate"):
+        fresh = segmentation_task(mode, seed=1).eval()
+        fresh.load_state_dict(state, strict=True)
+        assert torch.equal(fresh.model.encoder.gate.local_query, task.model.encoder.gate.local_query)
+        if mode == fusion:
+            with torch.no_grad():
+                assert torch.equal(fresh.model(batch).output, task.model(batch).output)
