@@ -36,7 +36,7 @@ def resolve_weights_dir(weights: str | os.PathLike) -> Path:
     """Return a local directory holding ``config.json`` and the checkpoint files.
 
     Args:
-        weights: A local directory, or a hub id such as ``"OpenGVLab/InternVL2_5-4B-MPO-hf"``. A hub id is
+        weights: A local directory, or a hub id such as ``"OpenGVLab/InternVL2_5-4B"``. A hub id is
             fetched with ``huggingface_hub.snapshot_download`` (configs and safetensors only), from the local
             cache alone when offline mode is on.
 
@@ -110,7 +110,8 @@ def refuse_remote_code(config: dict, directory: Path) -> None:
         raise UnsafeCheckpointError(
             f"{directory} needs remote code (config.json has auto_map, model_type={config.get('model_type')!r}). "
             "earthmind-compat never sets trust_remote_code. Use a checkpoint in the native transformers format "
-            "(the '-hf' repositories), or convert this one with earthmind_compat.backbones.convert."
+            "(the '-hf' repositories); the remote layouts of InternVL (internvl_chat) and EarthMind (sa2va_chat) "
+            "are read as data by internvl2_5_4b and earthmind_v1 (earthmind_compat.backbones.loader)."
         )
 
 
@@ -199,6 +200,98 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+#: Index file that lists which shard holds each tensor of a sharded safetensors checkpoint.
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class CheckpointFiles:
+    """The tensors of one checkpoint directory, read lazily: names first, shapes from headers, values on demand.
+
+    A sharded checkpoint is read through its ``model.safetensors.index.json`` (every shard it names must be
+    present); otherwise every ``*.safetensors`` file of the directory is a part. Only the files that hold a
+    requested tensor are opened, and only the requested tensors are read. Pickle checkpoints (``allow_pickle``)
+    cannot be read lazily and are loaded once, with ``torch.load(weights_only=True)``.
+
+    Args:
+        directory: The checkpoint directory.
+        allow_pickle: Read pickle checkpoints when no safetensors exist.
+        config: Its parsed ``config.json``, kept as :attr:`config` for readers that need both.
+
+    Raises:
+        WeightsError: if the index is unreadable or names a missing shard, or there is no checkpoint file.
+        UnsafeCheckpointError: if only pickle files are present and ``allow_pickle`` is False.
+    """
+
+    def __init__(self, directory: Path, allow_pickle: bool = False, config: dict | None = None) -> None:
+        self.directory = directory
+        self.config = dict(config or {})
+        self._pickled: dict[str, torch.Tensor] | None = None
+        self._where: dict[str, Path] = {}
+        index = directory / SAFETENSORS_INDEX
+        if index.is_file():
+            self._where = self._read_index(index)
+            return
+        files = safetensors_files(directory, allow_pickle=allow_pickle)
+        if files[0].suffix != ".safetensors":
+            self._pickled = {}
+            for path in files:
+                self._pickled.update(_read_file(path))
+            return
+        for path in files:
+            with open_safetensors(path) as handle:
+                self._where.update(dict.fromkeys(handle.keys(), path))
+
+    def _read_index(self, index: Path) -> dict[str, Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise WeightsError(
+                f"{index} is not a valid safetensors index (no readable 'weight_map': {exc}). Download it again."
+            ) from None
+        shards = sorted(set(weight_map.values()))
+        absent = [name for name in shards if not (self.directory / name).is_file()]
+        if absent:
+            raise WeightsError(
+                f"{self.directory}: {SAFETENSORS_INDEX} lists {len(shards)} shards but {absent} "
+                f"{'is' if len(absent) == 1 else 'are'} not there. Download the whole repository (every "
+                "model-*.safetensors file) into that directory."
+            )
+        return {key: self.directory / name for key, name in weight_map.items()}
+
+    @property
+    def keys(self) -> list[str]:
+        """Every tensor name of the checkpoint (no tensor is read)."""
+        return list(self._pickled) if self._pickled is not None else list(self._where)
+
+    def shapes(self, keys: Iterable[str]) -> dict[str, tuple[int, ...]]:
+        """Shapes of ``keys``, from the safetensors headers (no tensor is read)."""
+        if self._pickled is not None:
+            return {key: tuple(self._pickled[key].shape) for key in keys}
+        out: dict[str, tuple[int, ...]] = {}
+        for path, names in self._by_file(keys).items():
+            with open_safetensors(path) as handle:
+                for key in names:
+                    out[key] = tuple(handle.get_slice(key).get_shape())
+        return out
+
+    def load(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Read ``keys`` only, opening only the files that hold them."""
+        if self._pickled is not None:
+            return {key: self._pickled[key] for key in keys}
+        out: dict[str, torch.Tensor] = {}
+        for path, names in self._by_file(keys).items():
+            with open_safetensors(path) as handle:
+                for key in names:
+                    out[key] = handle.get_tensor(key)
+        return out
+
+    def _by_file(self, keys: Iterable[str]) -> dict[Path, list[str]]:
+        grouped: dict[Path, list[str]] = {}
+        for key in keys:
+            grouped.setdefault(self._where[key], []).append(key)
+        return grouped
 
 
 def checkpoint_keys(directory: Path, allow_pickle: bool = False) -> list[str]:
