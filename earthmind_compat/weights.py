@@ -157,33 +157,6 @@ def open_safetensors(path: Path) -> Iterator[object]:
         ) from None
 
 
-def load_tensors(
-    directory: Path, prefixes: Iterable[str] = ("",), allow_pickle: bool = False
-) -> dict[str, torch.Tensor]:
-    """Read every tensor whose key starts with one of ``prefixes``; the matched prefix is stripped.
-
-    Args:
-        directory: Checkpoint directory.
-        prefixes: Key prefixes to keep, tried in order; ``""`` keeps everything.
-        allow_pickle: Read pickle checkpoints (with ``weights_only=True``) when no safetensors exist.
-
-    Returns:
-        A flat state dict.
-
-    Raises:
-        WeightsError: if a file is truncated or corrupt.
-    """
-    prefixes = tuple(prefixes)
-    out: dict[str, torch.Tensor] = {}
-    for path in safetensors_files(directory, allow_pickle=allow_pickle):
-        for key, tensor in _read_file(path).items():
-            for prefix in prefixes:
-                if key.startswith(prefix):
-                    out[key[len(prefix) :]] = tensor
-                    break
-    return out
-
-
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         with open_safetensors(path) as handle:
@@ -292,41 +265,6 @@ class CheckpointFiles:
         for key in keys:
             grouped.setdefault(self._where[key], []).append(key)
         return grouped
-
-
-def checkpoint_keys(directory: Path, allow_pickle: bool = False) -> list[str]:
-    """List the tensor names of a checkpoint without loading the tensors (safetensors)."""
-    keys: list[str] = []
-    for path in safetensors_files(directory, allow_pickle=allow_pickle):
-        if path.suffix == ".safetensors":
-            with open_safetensors(path) as handle:
-                keys.extend(handle.keys())
-        else:
-            keys.extend(_read_file(path))
-    return keys
-
-
-def find_prefix(directory: Path, candidates: Iterable[str], marker: str, allow_pickle: bool = False) -> str:
-    """Return the first candidate prefix under which the checkpoint has a key starting with ``marker``.
-
-    Args:
-        directory: Checkpoint directory.
-        candidates: Prefixes to try in order, e.g. ``("model.vision_tower.", "vision_tower.", "")``.
-        marker: The start of a key every matching component has, e.g. ``"embeddings."``.
-        allow_pickle: See :func:`load_tensors`.
-
-    Raises:
-        WeightsError: if no candidate matches, listing a few keys that were found.
-    """
-    keys = checkpoint_keys(directory, allow_pickle)
-    candidates = list(candidates)
-    for prefix in candidates:
-        if any(k.startswith(prefix + marker) for k in keys):
-            return prefix
-    raise WeightsError(
-        f"{directory} has no tensor named like {[c + marker + '...' for c in candidates]}; found e.g. "
-        f"{sorted(keys)[:5]}. Is it a checkpoint of this model?"
-    )
 
 
 def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
