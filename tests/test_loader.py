@@ -441,3 +441,11 @@ def test_a_language_model_width_left_out_is_refused(layouts, tmp_path):
     directory = _remote_without(layouts, tmp_path, "internvl_chat", "hidden_size", "llm_config")
     with pytest.raises(WeightsError, match="has no 'hidden_size'; it is not a complete llm_config config"):
         features("internvl2_5_4b", preset="tiny", weights=str(directory))
+
+
+@pytest.mark.reliability
+def test_an_unknown_earthmind_release_names_the_releases():
+    from earthmind_compat.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match=r"Did you mean 'EarthMind4B_multi'.*EarthMind-4B"):
+        BACKBONE_REGISTRY.build("earthmind_v1", preset="tiny", pretrained=True, release="EarthMind4B-multi")
