@@ -15,9 +15,12 @@ from earthmind_reference import TINY_VISION, TINY_VISION_QK_NORM, write_remote_c
 from safetensors.torch import load_file, save_file
 from terratorch.registry import BACKBONE_REGISTRY
 
+from earthmind_compat import weights
 from earthmind_compat.backbones import convert
-from earthmind_compat.backbones.convert import KEY_RULES, convert_checkpoint, open_remote_checkpoint, remote_settings
-from earthmind_compat.errors import WeightsError
+from earthmind_compat.backbones.convert import KEY_RULES, convert_checkpoint, remote_settings
+from earthmind_compat.backbones.earthmind import earthmind_checkpoint_parts
+from earthmind_compat.backbones.loader import LAYOUTS, expected_shapes
+from earthmind_compat.errors import UnsafeCheckpointError, WeightsError
 
 pytestmark = pytest.mark.registry
 VISION = {"layer_norm": TINY_VISION, "qk_norm": TINY_VISION_QK_NORM}
@@ -98,21 +101,26 @@ def test_without_projector_only_the_tower_is_kept(remote):
 # -- strictness of the key map ------------------------------------------------------------------------------
 
 
+def _expected(settings):
+    return expected_shapes(earthmind_checkpoint_parts, settings.vision, LAYOUTS["sa2va_chat"].parts)
+
+
 @pytest.fixture(scope="module")
 def both_checkpoints(tmp_path_factory):
     out = []
     for name, vision in sorted(VISION.items()):
         directory = tmp_path_factory.mktemp(f"strict_{name}")
         write_remote_checkpoint(directory, vision)
-        checkpoint = open_remote_checkpoint(directory)
-        out.append((checkpoint, remote_settings(checkpoint.config, directory)))
+        config = json.loads((directory / "config.json").read_text())
+        checkpoint = weights.CheckpointFiles(directory, config=config)
+        out.append((checkpoint, _expected(remote_settings(config, directory))))
     return out
 
 
 def test_full_key_map_consumes_every_tensor_and_fills_every_parameter(both_checkpoints):
-    for checkpoint, settings in both_checkpoints:
-        state = convert_checkpoint(checkpoint, settings)
-        assert set(state) == set(convert.native_shapes(settings))
+    for checkpoint, expected in both_checkpoints:
+        state = convert_checkpoint(checkpoint, expected)
+        assert set(state) == set(expected)
         plan = convert.plan_keys(checkpoint.keys)
         assert not plan.unmatched
         assert {k.split(".")[0] for k in plan.skipped} == {"language_model", "grounding_encoder", "text_hidden_fcs"}
@@ -122,9 +130,9 @@ def test_full_key_map_consumes_every_tensor_and_fills_every_parameter(both_check
 def test_removing_any_single_rule_fails_the_conversion(both_checkpoints, removed):
     rules = KEY_RULES[:removed] + KEY_RULES[removed + 1 :]
     failures = []
-    for checkpoint, settings in both_checkpoints:
+    for checkpoint, expected in both_checkpoints:
         try:
-            convert_checkpoint(checkpoint, settings, rules)
+            convert_checkpoint(checkpoint, expected, rules)
         except WeightsError as error:
             failures.append(str(error))
     assert failures, f"dropping rule {KEY_RULES[removed].pattern!r} went unnoticed"
@@ -161,17 +169,33 @@ def _rewrite(directory, tmp_path, edit_tensors=None, edit_config=None):
         (None, lambda c: c["vision_config"].update(qkv_bias=False), r"unexpected \[.*attn\.qkv\.bias"),
         (None, lambda c: c["vision_config"].update(num_hidden_layers=2), r"unexpected \[.*layers\.2\."),
         (None, lambda c: c["vision_config"].update(num_hidden_layers=4), r"missing \[.*layer\.3\."),
-        (None, lambda c: c["llm_config"].update(hidden_size=16), "wrong shape"),
+        (None, lambda c: c["llm_config"].update(hidden_size=16), r"mlp1\.3\.weight -> projector\.linear_2\.weight"),
         (None, lambda c: c.update(ps_version="v1"), "ps_version"),
-        (None, lambda c: c.update(model_type="internvl_chat"), "expected EarthMind's released format"),
+        (None, lambda c: c.update(model_type="internvl_chat"), r"holds no cross-modal gate"),
+        (None, lambda c: c.update(model_type="qwen2_vl"), "UnsafeCheckpointError"),
         (None, lambda c: c.pop("vision_config"), "no 'vision_config'"),
     ],
-    ids=["missing", "unexpected", "qkv-bias-trap", "fewer-layers", "more-layers", "shape", "ps-v1", "type", "config"],
+    ids=[
+        "missing",
+        "unexpected",
+        "qkv-bias-trap",
+        "fewer-layers",
+        "more-layers",
+        "shape",
+        "ps-v1",
+        "internvl-type-with-sam2",
+        "other-type-with-remote-code",
+        "config",
+    ],
 )
 def test_mismatched_checkpoints_are_refused_with_the_keys(tmp_path, edit_tensors, edit_config, message):
     directory = tmp_path / "original"
     write_remote_checkpoint(directory, TINY_VISION)
     edited = _rewrite(directory, tmp_path, edit_tensors, edit_config)
+    if message == "UnsafeCheckpointError":  # auto_map of a model type that is not read as data: never run
+        with pytest.raises(UnsafeCheckpointError, match="never sets trust_remote_code"):
+            converted(edited)
+        return
     with pytest.raises(WeightsError, match=message):
         converted(edited)
 
@@ -184,14 +208,14 @@ def test_no_remote_code_runs_and_the_language_model_is_not_read(tmp_path, monkey
     (directory / "configuration_earthmind_chat.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     (directory / "modeling_earthmind_chat.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     requested: list[str] = []
-    original = convert.RemoteCheckpoint.load
+    original = weights.CheckpointFiles.load
 
     def spy(self, keys):
         keys = list(keys)
         requested.extend(keys)
         return original(self, keys)
 
-    monkeypatch.setattr(convert.RemoteCheckpoint, "load", spy)
+    monkeypatch.setattr(weights.CheckpointFiles, "load", spy)
     converted(directory)
     assert not marker.exists()
     assert requested and not [k for k in requested if not k.startswith(("vision_model.", "mlp1.", "local_query"))]

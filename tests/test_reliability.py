@@ -194,7 +194,8 @@ def _pickle_only(env: dict) -> Path:
 
 
 def _remote_code(env: dict) -> Path:
-    config = {"model_type": "sa2va_chat", "auto_map": {"AutoModel": "modeling_sa2va_chat.Sa2VAChatModel"}}
+    # a remote-code model that is not one of the InternVL-family layouts read as data
+    config = {"model_type": "qwen2_vl_chat", "auto_map": {"AutoModel": "modeling_qwen2_vl_chat.Model"}}
     directory = env["tmp"] / "remote_code"
     _write(directory, "config.json", json.dumps(config))
     return directory
@@ -243,7 +244,7 @@ WEIGHT_CASES = [
         "wrong-model-type",
         lambda env: internvl(weights=str(env["granite_dir"][0])),
         WeightsError,
-        "expected a native InternVL checkpoint",
+        "expected an InternVL-family checkpoint",
     ),
     Case(
         "granite-given-internvl",
@@ -257,7 +258,7 @@ WEIGHT_CASES = [
             weights=str(_edited_checkpoint(env, "missing", lambda s: s.pop("encoder.layer.0.lambda_1")))
         ),
         WeightsError,
-        "missing ['encoder.layer.0.lambda_1']",
+        "missing ['vision_tower.encoder.layer.0.lambda_1']",
     ),
     Case(
         "checkpoint-extra-key",
@@ -275,7 +276,7 @@ WEIGHT_CASES = [
             )
         ),
         WeightsError,
-        "encoder.layer.0.lambda_1 is [7] but the model built from its config.json expects [32]",
+        "encoder.layer.0.lambda_1 -> vision_tower.encoder.layer.0.lambda_1: (7,) vs (32,)",
     ),
 ]
 
