@@ -19,7 +19,12 @@ from terratorch.registry import BACKBONE_REGISTRY
 
 import earthmind_compat
 from earthmind_compat.cli import main as cli_main
-from earthmind_compat.compat import UntestedVersionWarning, untested_versions, warn_if_untested
+from earthmind_compat.compat import (
+    UntestedVersionWarning,
+    call_with_hidden_states,
+    untested_versions,
+    warn_if_untested,
+)
 from earthmind_compat.errors import (
     ConfigurationError,
     EarthMindCompatError,
@@ -476,7 +481,7 @@ def test_plain_tensor_pickle_loads_when_opted_in(tmp_path, tiny_internvl_vision_
     model = internvl(weights=str(directory), allow_pickle=True).eval()
     x = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
-        assert torch.allclose(model(x)[-1], reference(x, output_hidden_states=True).hidden_states[-1], atol=1e-5)
+        assert torch.allclose(model(x)[-1], call_with_hidden_states(reference, x).hidden_states[-1], atol=1e-5)
 
 
 def test_no_trust_remote_code_anywhere_in_the_package():
