@@ -232,6 +232,7 @@ def compat(session: nox.Session, cell: str) -> None:
         tests_doc = {"exit_code": rc, "detail": _tail(output, 1 if rc in (0, 1) else 15)}
         if junit.exists():
             tests_doc["layers"], tests_doc["failures"] = matrix.junit_layers(junit)
+            tests_doc["expected"] = matrix.junit_expected(junit)
 
         check_json = tmp / "check.json"
         t0 = time.monotonic()
@@ -277,11 +278,11 @@ def compat(session: nox.Session, cell: str) -> None:
     out.write_text(matrix.dumps(result), encoding="utf-8")
     session.log(
         f"{spec.id}: {result['status']} - tests {result['tests']['passed']} passed"
-        f" / {result['tests']['failed']} failed,"
+        f" / {result['tests']['failed']} failed / {result['tests']['xfailed']} xfailed (upstream),"
         f" check {result['check']['passed']} passed / {result['check']['failed']} failed,"
         f" declared={'ok' if declared['ok'] else 'CONFLICT'}, {durations['total']:.0f} s -> {out.relative_to(ROOT)}"
     )
-    if result["status"] != "pass":
+    if result["status"] == "fail":
         session.error(f"cell {spec.id} failed (see {out.relative_to(ROOT)})")
 
 

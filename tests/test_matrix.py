@@ -205,8 +205,9 @@ def _cell(cell_id: str = "c1", **kw: str) -> object:
     return matrix.Cell(id=cell_id, **fields)
 
 
-def _result(cell: object, *, test_fail: int = 0, check_fail: int = 0) -> dict:
-    layers = {"registry": {"passed": 3, "failed": test_fail, "skipped": 1, "seconds": 1.5}}
+def _result(cell: object, *, test_fail: int = 0, check_fail: int = 0, xfail: int = 0) -> dict:
+    layers = {"registry": {"passed": 3, "failed": test_fail, "skipped": 1, "seconds": 1.5, "xfailed": xfail}}
+    expected = [{"test": "tests/test_x.py::test_b", "reason": "upstream: lib (#1)"}] * xfail
     failures = [{"test": "tests/test_x.py::test_a", "layer": "registry", "message": "boom"}] * test_fail
     rows = [{"backbone": "b", "feature": "forward", "status": "pass", "detail": "ok", "seconds": 0.1}]
     rows += [
@@ -219,7 +220,13 @@ def _result(cell: object, *, test_fail: int = 0, check_fail: int = 0) -> dict:
         versions={"python": "3.11.7", "torch": cell.torch},
         declared={"ok": True},
         install={"ok": True},
-        tests={"exit_code": 1 if test_fail else 0, "detail": "", "layers": layers, "failures": failures},
+        tests={
+            "exit_code": 1 if test_fail else 0,
+            "detail": "",
+            "layers": layers,
+            "failures": failures,
+            "expected": expected,
+        },
         check=check,
         durations={"total": 12.34},
     )
@@ -231,6 +238,33 @@ def test_build_result_status_follows_the_counts() -> None:
     assert _result(cell, test_fail=1)["status"] == "fail"
     assert _result(cell, check_fail=1)["status"] == "fail"
     assert matrix.validate_result(_result(cell, test_fail=1), "c1") == []
+    upstream = _result(cell, xfail=2)
+    assert upstream["status"] == "upstream" and upstream["tests"]["xfailed"] == 2
+    assert matrix.validate_result(upstream, "c1") == []
+    assert _result(cell, xfail=2, test_fail=1)["status"] == "fail"  # ours fails too (or an xfail XPASSed)
+    assert "status is 'pass' but 2 tests failed as expected" in matrix.validate_result({**upstream, "status": "pass"})
+
+
+def test_upstream_cell_is_drawn_apart_from_pass_and_fail() -> None:
+    cell = _cell()
+    tones = {
+        name: matrix.summarize(cell, result).tone
+        for name, result in (
+            ("pass", _result(cell)),
+            ("upstream", _result(cell, xfail=1)),
+            ("fail", _result(cell, test_fail=1)),
+        )
+    }
+    assert tones == {"pass": "pass", "upstream": "upstream", "fail": "fail"}
+    assert len({matrix.COLORS[t] for t in tones.values()}) == 3
+    assert len({matrix.SHIELDS_COLORS[t] for t in tones.values()}) == 3
+    results = {"c1": _result(cell, xfail=1)}
+    table = matrix.render_table([cell], results)
+    assert "🔷 3/3 +1 xfail" in table and "upstream: lib (#1)" in table
+    _, _, values = matrix.heatmap_matrix([cell], results)
+    assert values[0][0] == matrix.rendering.UPSTREAM_VALUE
+    _, _, values = matrix.heatmap_matrix([cell], {"c1": _result(cell, xfail=1, test_fail=1)})
+    assert values[0][0] == 0.75
 
 
 def _write_repo(root: Path, cells: list, results: dict[str, dict], readme: str | None = None) -> None:
@@ -367,10 +401,16 @@ def test_layer_plugin_and_junit_counting(tmp_path: Path) -> None:
         "@pytest.mark.registry\ndef test_ok():\n    pass\n"
         "@pytest.mark.numerics\n@pytest.mark.slow\ndef test_bad():\n    assert 1 == 2, 'numbers differ'\n"
         "@pytest.mark.registry\n@pytest.mark.skip(reason='no')\ndef test_skip():\n    pass\n"
-        "def test_plain():\n    pass\n",
+        "def test_plain():\n    pass\n"
+        "@pytest.mark.shapes\n@pytest.mark.xfail(reason='upstream: lib 1.0 (#1)', strict=True)\n"
+        "def test_known():\n    assert False\n"
+        "@pytest.mark.shapes\n@pytest.mark.xfail(reason='upstream: lib 1.1 (#2)', strict=True)\n"
+        "def test_fixed():\n    pass\n",
         encoding="utf-8",
     )
-    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n registry\n numerics\n slow\n", encoding="utf-8")
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\nmarkers =\n registry\n numerics\n shapes\n slow\n", encoding="utf-8"
+    )
     junit = tmp_path / "junit.xml"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "matrices")}
     subprocess.run(
@@ -384,11 +424,22 @@ def test_layer_plugin_and_junit_counting(tmp_path: Path) -> None:
         check=False,
     )
     layers, failures = matrix.junit_layers(junit)
-    assert layers["registry"] | {"seconds": 0} == {"passed": 1, "failed": 0, "skipped": 1, "seconds": 0}
+    zero = {"xfailed": 0, "xpassed": 0, "seconds": 0}
+    assert layers["registry"] | {"seconds": 0} == {"passed": 1, "failed": 0, "skipped": 1} | zero
     assert layers["numerics"]["failed"] == 1 and layers["numerics"]["passed"] == 0
     assert layers[matrix.UNMARKED]["passed"] == 1
-    assert [f["layer"] for f in failures] == ["numerics"]
+    # an expected failure is neither a failure nor a skip; a strict XPASS (upstream fixed it) is a failure
+    assert layers["shapes"] | {"seconds": 0} == {
+        "passed": 0,
+        "failed": 1,
+        "skipped": 0,
+        "xfailed": 1,
+        "xpassed": 1,
+        "seconds": 0,
+    }
+    assert [f["layer"] for f in failures] == ["numerics", "shapes"]
     assert "numbers differ" in failures[0]["message"]
+    assert matrix.junit_expected(junit) == [{"test": "test_sample::test_known", "reason": "upstream: lib 1.0 (#1)"}]
 
 
 def test_failure_message_names_the_innermost_exception() -> None:
