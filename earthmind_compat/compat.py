@@ -1,24 +1,31 @@
-"""Version detection: which torch / TerraTorch / transformers versions the matrix has tested.
+"""Version detection: which torch / TerraTorch / transformers / peft / bitsandbytes versions the matrix has tested.
 
-The ranges below are the lowest and highest versions of the cells that run in ``matrices/cells.toml``
-(a test keeps the two in step). Outside them the package still imports, with an
-:class:`UntestedVersionWarning` naming the version and the tested range.
+The tested ranges are not kept by hand: ``nox -s render`` (``python -m tools.matrix render``) derives them from
+the committed matrix results (the versions really installed by the cells that passed) and writes them to
+``tested_versions.json`` next to this module, which is read here. Outside them the package still imports,
+with an :class:`UntestedVersionWarning` naming the version, the tested range and the cells that prove it.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import warnings
-from importlib import metadata
+from importlib import metadata, resources
 
 from packaging.version import InvalidVersion, Version
 
-#: Lowest and highest version of each package in the cells that run (matrices/cells.toml).
-TESTED_RANGES: dict[str, tuple[str, str]] = {
-    "torch": ("2.7.0", "2.15.0"),
-    "terratorch": ("1.0.2", "1.2.13"),
-    "transformers": ("4.52.1", "5.23.0"),
-}
+#: Rendered from the matrix results; ``tests/test_matrix.py`` checks that it is current.
+TESTED_VERSIONS_FILE = "tested_versions.json"
+
+
+def _load_tested_ranges() -> dict[str, tuple[str, str]]:
+    data = json.loads(resources.files(__package__).joinpath(TESTED_VERSIONS_FILE).read_text(encoding="utf-8"))
+    return {package: (entry["low"], entry["high"]) for package, entry in data["ranges"].items()}
+
+
+#: Lowest and highest installed version of each package over the matrix cells that passed (see module doc).
+TESTED_RANGES: dict[str, tuple[str, str]] = _load_tested_ranges()
 
 
 class UntestedVersionWarning(UserWarning):

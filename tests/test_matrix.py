@@ -245,6 +245,30 @@ def test_build_result_status_follows_the_counts() -> None:
     assert "status is 'pass' but 2 tests failed as expected" in matrix.validate_result({**upstream, "status": "pass"})
 
 
+def test_tested_ranges_come_from_the_passing_results_installed_versions() -> None:
+    low, high, broken = _cell("low"), _cell("high"), _cell("broken")
+    results = {
+        "low": _result(low) | {"versions": {"torch": "2.7.0+cu126", "transformers": "4.52.1"}},
+        "high": _result(high, xfail=1) | {"versions": {"torch": "2.15.0", "transformers": "5.24.0"}},
+        "broken": _result(broken, test_fail=1) | {"versions": {"torch": "2.5.0", "transformers": "6.0.0"}},
+    }
+    ranges = matrix.tested_ranges([low, high, broken], results)
+    assert ranges["torch"] == {"low": "2.7.0", "low_cell": "low", "high": "2.15.0", "high_cell": "high"}
+    assert ranges["transformers"] == {"low": "4.52.1", "low_cell": "low", "high": "5.24.0", "high_cell": "high"}
+    table = matrix.render_table([low, high, broken], results)
+    assert "| transformers | 4.52.1 | `low` | 5.24.0 | `high` |" in table
+
+
+def test_the_package_warns_outside_the_committed_results() -> None:
+    """One source of truth: the package's tested ranges are the ones the committed results prove."""
+    from earthmind_compat import compat
+
+    cells = matrix.load_cells(ROOT / matrix.CELLS_FILE)
+    derived = matrix.tested_ranges(cells, matrix.load_results(cells, ROOT / matrix.RESULTS_DIR))
+    assert {package: (e["low"], e["high"]) for package, e in derived.items()} == compat.TESTED_RANGES
+    assert set(compat.TESTED_RANGES) == set(matrix.SUPPORT_PACKAGES)
+
+
 def test_upstream_cell_is_drawn_apart_from_pass_and_fail() -> None:
     cell = _cell()
     tones = {

@@ -27,7 +27,9 @@ from tools.matrix.rendering import (
     README_FILE,
     SHIELDS_COLORS,
     START_MARKER,
+    SUPPORT_PACKAGES,
     TABLE_FILE,
+    TESTED_VERSIONS_FILE,
     Summary,
     badge_svg,
     endpoint_json,
@@ -38,6 +40,7 @@ from tools.matrix.rendering import (
     render_table,
     splice_readme,
     summarize,
+    tested_ranges,
 )
 from tools.matrix.results import (
     COUNTS,
@@ -75,7 +78,9 @@ __all__ = [
     "SHIELDS_COLORS",
     "START_MARKER",
     "STATUSES",
+    "SUPPORT_PACKAGES",
     "TABLE_FILE",
+    "TESTED_VERSIONS_FILE",
     "UNMARKED",
     "VERSION_PACKAGES",
     "Cell",
@@ -102,5 +107,6 @@ __all__ = [
     "render_table",
     "splice_readme",
     "summarize",
+    "tested_ranges",
     "validate_result",
 ]
