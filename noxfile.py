@@ -160,7 +160,7 @@ def compat(session: nox.Session, cell: str) -> None:
     env = _venv_env(session)
     python = str(Path(session.bin) / "python")
     uv = _uv(session)
-    requirements = ["-e", ".[test]", *spec.requirements()]
+    requirements = ["-e", ".[test]", *spec.requirements(), *spec.resolver_options()]
     durations: dict[str, float] = {}
 
     # 1. Do the package's own requirements admit the cell's pins?
@@ -171,9 +171,8 @@ def compat(session: nox.Session, cell: str) -> None:
     #    measures whether the code works there (the conflict is reported in `declared`).
     overrides = tmp / "overrides.txt"
     overrides.write_text("\n".join(spec.requirements()) + "\n", encoding="utf-8")
-    rc, output = _stream(
-        session, [uv, "pip", "install", "--python", python, *requirements, "--override", str(overrides)], env
-    )
+    forced = ["--override", str(overrides)] if spec.resolution == "pinned" else []  # the others take what resolves
+    rc, output = _stream(session, [uv, "pip", "install", "--python", python, *requirements, *forced], env)
     install = {"ok": rc == 0, "detail": "" if rc == 0 else _tail(output)}
     durations["install"] = time.monotonic() - started
 

@@ -63,6 +63,11 @@ def _nox_listing(*args: str) -> list[dict]:
 def test_cells_file_covers_the_required_axes() -> None:
     cells = matrix.load_cells(ROOT / matrix.CELLS_FILE)
     active = matrix.active_cells(cells)
+    assert [c.resolution for c in active].count("highest") == 1, "one latest cell (the weekly workflow runs it)"
+    assert [c.resolution for c in active].count("lowest-direct") == 1, "one cell at the declared floors"
+    for axis in ("peft", "bitsandbytes"):  # named axes: the oldest supported and the newest
+        assert len({getattr(c, axis) for c in active if getattr(c, axis)}) >= 2, axis
+    active = [c for c in active if c.resolution == "pinned"]
     combos = {(c.terratorch, c.torch, c.python) for c in active}
     assert ("1.0.2", "2.7.0", "3.11") in combos  # TerraTorch 1.0.2 with its own torch pin
     assert any(c.terratorch == "1.1.1" for c in active)
@@ -185,6 +190,33 @@ def test_every_nox_session_named_in_a_workflow_exists() -> None:
     sessions = {entry["name"] for entry in _nox_listing("-s", *sorted(named))}
     assert named <= sessions, f"workflows name unknown nox sessions: {sorted(named - sessions)}"
     assert {"tests", "lint", "render", "gpu_benchmarks"} <= named
+
+
+def test_latest_workflow_runs_the_highest_resolution_cell_weekly_and_reports_failures() -> None:
+    workflow = _workflow("compat-latest.yml")
+    triggers = workflow.get("on", workflow.get(True))  # PyYAML reads a bare `on:` key as True
+    assert set(triggers) == {"schedule", "workflow_dispatch"}
+    (cron,) = (entry["cron"] for entry in triggers["schedule"])
+    assert cron.split()[2:] == ["*", "*", "1"], "weekly"
+    assert workflow["permissions"] == {"contents": "read"}
+    # the cell is found by its resolution, never by a spelled-out id (the drift check above covers this file too)
+    (run,) = (s for s in workflow["jobs"]["latest"]["steps"] if "nox -s" in s.get("run", ""))
+    assert "-m tools.matrix cells --resolution highest" in run["run"] and "compat(cell='$cell')" in run["run"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.matrix", "cells", "--resolution", "highest"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    (cell_id,) = proc.stdout.split()
+    assert f"compat(cell={cell_id!r})" in {e["session"] for e in _nox_listing("-s", "compat")}
+    report = workflow["jobs"]["report"]
+    assert report["needs"] == "latest" and "needs.latest.result == 'failure'" in report["if"]
+    assert report["permissions"] == {"issues": "write"}
+    script = report["steps"][-1]["run"]
+    assert "gh issue list --label compat-latest --state open" in script
+    assert "gh issue comment" in script and "gh issue create" in script
 
 
 def test_gpu_job_runs_on_a_self_hosted_gpu_runner_and_never_on_pull_requests() -> None:

@@ -256,7 +256,8 @@ def build_result(
     return {
         "schema": SCHEMA,
         "cell": cell.id,
-        "requested": {axis: getattr(cell, axis) for axis in AXES} | {"pins": list(cell.pins)},
+        "requested": {axis: getattr(cell, axis) for axis in AXES}
+        | {"pins": list(cell.pins), "resolution": cell.resolution},
         "versions": dict(sorted(versions.items())),
         "declared": {"ok": bool(declared.get("ok")), "detail": str(declared.get("detail", ""))},
         "install": {"ok": bool(install.get("ok")), "detail": str(install.get("detail", ""))},
