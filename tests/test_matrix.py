@@ -301,6 +301,17 @@ def test_the_package_warns_outside_the_committed_results() -> None:
     assert set(compat.TESTED_RANGES) == set(matrix.SUPPORT_PACKAGES)
 
 
+def test_every_upstream_bug_is_listed_in_the_readme_troubleshooting() -> None:
+    from upstream_bugs import UPSTREAM_BUGS
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Troubleshooting") :]
+    section = section[: section.index("\n## ", 3)]
+    for bug in UPSTREAM_BUGS:
+        assert f"upstream bug, {bug.package} {bug.affected.split(' (')[0]}" in section, bug
+        assert bug.reference in section, bug
+
+
 def test_upstream_cell_is_drawn_apart_from_pass_and_fail() -> None:
     cell = _cell()
     tones = {
