@@ -234,6 +234,8 @@ def neck_cases(draw):
 @pytest.mark.shapes
 @TERRATORCH_AGGREGATE_TOKENS_CHANNELS.mark
 def test_aggregate_tokens_predicts_the_channels_of_the_selected_layer():
+    if "AggregateTokens" not in NECK_REGISTRY:
+        pytest.skip("TerraTorch 1.0 has no AggregateTokens")
     cls = NECK_REGISTRY.find_class("AggregateTokens")
     args = {"indices": [0]} if "indices" in inspect.signature(cls).parameters else {"index": 0}
     (neck,), predicted = build_neck_list([{"name": "AggregateTokens", "pooling": "mean", **args}], [8, 16])
