@@ -84,6 +84,9 @@ def test_cells_file_covers_the_required_axes() -> None:
     ("snippet", "message"),
     [
         ('id = "a"\npython = "3.11"', "'torch' must be a non-empty string"),
+        ('id = "a"\npython = "3.11"\nresolution = "newest"', "resolution must be one of"),
+        ('id = "a"\npython = "3.11"\nresolution = "highest"\ntorch = "2.7.0"', "resolves its versions"),
+        ('id = "a"\npython="3.11"\ntorch="1"\ntorchvision="1"\nterratorch="1"\ntransformers="1"\npeft=""', "'peft'"),
         ('id = "bad id"\npython="3.11"\ntorch="1"\ntorchvision="1"\nterratorch="1"\ntransformers="1"', "may only use"),
         ('id = "a"\npython="311"\ntorch="1"\ntorchvision="1"\nterratorch="1"\ntransformers="1"', "python must look"),
         (
@@ -101,6 +104,21 @@ def test_malformed_cell_is_rejected(tmp_path: Path, snippet: str, message: str) 
     path.write_text(f"schema = 1\n[[cell]]\n{snippet}\n", encoding="utf-8")
     with pytest.raises(matrix.MatrixError, match=message):
         matrix.load_cells(path)
+
+
+def test_resolved_cells_pin_nothing_and_pass_their_resolution_to_uv(tmp_path: Path) -> None:
+    path = tmp_path / "cells.toml"
+    path.write_text(
+        'schema = 1\n[[cell]]\nid = "new"\npython = "3.12"\nresolution = "highest"\n'
+        '[[cell]]\nid = "low"\npython = "3.11"\nresolution = "lowest-direct"\npins = ["numpy<2"]\n'
+        '[[cell]]\nid = "p"\npython="3.11"\ntorch="2"\ntorchvision="1"\nterratorch="1"\ntransformers="4"\n'
+        'peft="0.15.0"\n',
+        encoding="utf-8",
+    )
+    new, low, pinned = matrix.load_cells(path)
+    assert new.requirements() == [] and new.resolver_options() == ["--upgrade"]
+    assert low.requirements() == ["numpy<2"] and low.resolver_options() == ["--resolution", "lowest-direct"]
+    assert "peft==0.15.0" in pinned.requirements() and "bitsandbytes" not in " ".join(pinned.requirements())
 
 
 def test_duplicate_cell_id_is_rejected(tmp_path: Path) -> None:
