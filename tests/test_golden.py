@@ -66,7 +66,8 @@ def test_every_case_has_its_fixture_and_manifest_entry():
     for item in CASES:
         assert golden.features_path(item).is_file(), f"missing; run `{REGENERATE} --case {item.name}`"
         assert (golden.CHECKPOINTS / item.checkpoint / "config.json").is_file()
-        assert manifest["cases"][item.name]["options"] == json.loads(json.dumps(dict(item.options)))
+        recorded = manifest["cases"][item.name]["options"]
+        assert json.dumps(recorded) == json.dumps(dict(item.options)), f"{item.name} was written with {recorded}"
     assert len(set(IDS)) == len(IDS)
 
 

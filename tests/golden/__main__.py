@@ -95,7 +95,9 @@ def regenerate(names: list[str]) -> None:
         }
     known = {c.name for c in CASES}
     manifest["cases"] = {k: v for k, v in sorted(manifest["cases"].items()) if k in known}
-    MANIFEST.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    manifest["checkpoints"] = dict(sorted(manifest["checkpoints"].items()))
+    # not sort_keys: the options keep their order (EarthMind's main modality comes first)
+    MANIFEST.write_text(json.dumps({k: manifest[k] for k in sorted(manifest)}, indent=2) + "\n")
     total = sum(p.stat().st_size for p in (CHECKPOINTS.rglob("*"), FEATURES.rglob("*")) for p in p if p.is_file())
     print(f"wrote {MANIFEST.relative_to(MANIFEST.parents[2])}; fixtures total {total / 1024:.0f} KiB")
 
