@@ -66,7 +66,7 @@ class GoldenCase:
 
 _SO_BANDS = {"sar": ["VV", "VH"], "optical": ["BLUE", "GREEN", "RED", "NIR_NARROW"]}
 _SO_IN = {"sar": (2, 56, 28), "optical": (4, 56, 28)}
-_SO_FUSED = {"modalities": _SO_BANDS, "with_projector": True}  # + "fusion": "concat" / "gate" (EarthMind's modes)
+_SO_FUSED = {"modalities": _SO_BANDS, "with_projector": True}  # with "fusion": EarthMind's two modes
 _FOUR_BANDS = ["RED", "GREEN", "BLUE", "SWIR_1"]
 _TILE = (3, 64, 32)  # Granite: 4 x 2 patches of 16 px
 
@@ -78,6 +78,8 @@ CASES: tuple[GoldenCase, ...] = (
     GoldenCase("internvit_6b", "internvl2_5_4b", "internvit_6b_native", {"with_projector": True}),
     GoldenCase("earthmind_v1-single", "earthmind_v1", "earthmind_release", {"with_projector": True}),
     GoldenCase("earthmind_v1-sar_optical", "earthmind_v1", "earthmind_release", {"modalities": _SO_BANDS}, _SO_IN),
+    GoldenCase("earthmind_v1-concat", "earthmind_v1", "earthmind_release", {**_SO_FUSED, "fusion": "concat"}, _SO_IN),
+    GoldenCase("earthmind_v1-gate", "earthmind_v1", "earthmind_release", {**_SO_FUSED, "fusion": "gate"}, _SO_IN),
     GoldenCase("granite_4_tiny", "granite_4_tiny", "granite_native", {"in_chans": 3}, _TILE),
     GoldenCase("granite_4_tiny-bidi", "granite_4_tiny", "granite_native", {"bidirectional_mamba": True}, _TILE),
 )  # fmt: skip
