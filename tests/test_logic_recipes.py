@@ -114,6 +114,7 @@ def test_reshape_tokens_removes_a_cls_token_exactly_when_there_is_one() -> None:
     check = recipes._reshape_tokens_fits
     assert check(step(CLS, {})) is None  # remove_cls_token defaults to true
     assert check(step(CLS, {"remove_cls_token": 1})) is None
+    assert check(step(CLS, {"remove_cls_token": "yes"})) is None  # truthy, as TerraTorch's neck reads it
     assert check(step(PLAIN, {"remove_cls_token": 0})) is None
     assert message(check, step(PLAIN, {})) == (
         "Neck 1 (X) has remove_cls_token=True but the backbone has no CLS token: TerraTorch would drop a patch "
