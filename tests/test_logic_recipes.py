@@ -289,7 +289,7 @@ def test_check_task(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     # a TerraTorch whose factory lacks a task (1.0 has no scalar_regression): our compat probe, not TerraTorch
     monkeypatch.setattr(recipes, "factory_tasks", lambda: ("segmentation", "regression", "classification"))
-    monkeypatch.setattr(recipes, "installed_version", lambda name: "1.0.2")
+    monkeypatch.setattr(recipes, "installed_version", {"terratorch": "1.0.2"}.__getitem__)  # asked for terratorch
     assert recipes._check_task("classification") == "classification"
     with pytest.raises(ConfigurationError) as info:
         recipes._check_task("scalar_regression")
