@@ -356,6 +356,30 @@ MUTATION_TARGETS: dict[str, list[str]] = {
         f"earthmind_compat.optimize.plan.x_{function}__mutmut_*"
         for function in ("quantized_weight_bytes", "_lora_params", "count_weights")
     ],
+    # the recipes' checks: each rule's checks in NECK_RULES / DECODER_RULES and the functions that run them
+    "recipes (checks)": [
+        f"earthmind_compat.recipes.x_{function}__mutmut_*"
+        for function in (
+            "spread_indices",
+            "_grid_from_tokens",
+            "_tokens_to_grid_fits",
+            "_reshape_tokens_fits",
+            "_needs_maps",
+            "_four_features",
+            "_wide_enough",
+            "_indices_in_range",
+            "_needs_pyramid",
+            "_one_unet_channel_per_feature",
+            "_linear_decoder_arguments",
+            "_to_maps",
+            "_known_rule",
+            "decoder_rule",
+            "_check_task",
+            "_fix_hint",
+            "check_chain",
+            "_check_decoder",
+        )
+    ],
 }
 
 
