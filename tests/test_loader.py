@@ -32,6 +32,7 @@ from terratorch.registry import BACKBONE_REGISTRY
 
 from earthmind_compat import weights
 from earthmind_compat.backbones import convert
+from earthmind_compat.compat import call_with_hidden_states
 from earthmind_compat.errors import WeightsError
 
 pytestmark = pytest.mark.registry
@@ -107,7 +108,7 @@ def test_native_features_are_transformers_own(layouts):
     reference = InternVLForConditionalGeneration.from_pretrained(str(layouts["native"])).eval()
     ours = features("internvl2_5_4b", preset="tiny", with_projector=True, weights=str(layouts["internvl_chat"]))
     with torch.no_grad():
-        hidden = reference.model.vision_tower(_input(), output_hidden_states=True).hidden_states
+        hidden = call_with_hidden_states(reference.model.vision_tower, _input()).hidden_states
         projected = reference.model.get_image_features(
             pixel_values=_input(), vision_feature_layer=-1, vision_feature_select_strategy="default"
         )
