@@ -219,6 +219,10 @@ def compat(session: nox.Session, cell: str) -> None:
                 # check; inside a matrix run it would depend on the order in which cells are re-run.
                 "--deselect",
                 "tests/test_matrix.py::test_committed_outputs_are_up_to_date",
+                # The same for the tested ranges derived from the results (a cell run of `nox -s compat` writes a
+                # result that the committed earthmind_compat/tested_versions.json does not know yet).
+                "--deselect",
+                "tests/test_matrix.py::test_the_package_warns_outside_the_committed_results",
                 f"--junitxml={junit}",
                 "-o",
                 "junit_family=xunit1",
