@@ -52,6 +52,14 @@ _XPASS_STRICT = "[XPASS(strict)]"
 ROW_STATUSES = ("pass", "fail", "skip")
 
 
+def _junit_root(path: str | Path) -> ET.Element:
+    """The root element of a JUnit XML file, or our error naming the file."""
+    try:
+        return ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as exc:
+        raise MatrixError(f"{path}: cannot read JUnit XML: {exc}") from exc
+
+
 def junit_layers(path: str | Path) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
     """Count pass / fail / skip / xfail per test layer from a pytest JUnit XML file.
 
@@ -70,10 +78,7 @@ def junit_layers(path: str | Path) -> tuple[dict[str, dict[str, float]], list[di
     Raises:
         MatrixError: If the file cannot be parsed.
     """
-    try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError) as exc:
-        raise MatrixError(f"{path}: cannot read JUnit XML: {exc}") from exc
+    root = _junit_root(path)
     layers: dict[str, dict[str, float]] = {}
     failures: list[dict[str, str]] = []
     for case in root.iter("testcase"):
@@ -119,10 +124,7 @@ def junit_expected(path: str | Path) -> list[dict[str, str]]:
     Raises:
         MatrixError: If the file cannot be parsed.
     """
-    try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError) as exc:
-        raise MatrixError(f"{path}: cannot read JUnit XML: {exc}") from exc
+    root = _junit_root(path)
     expected = []
     for case in root.iter("testcase"):
         skipped = case.find("skipped")
