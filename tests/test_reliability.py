@@ -7,6 +7,7 @@ dependency) with a message that names the problem and says what to do.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import socket
 from collections.abc import Callable
@@ -596,6 +597,4 @@ def test_unwritable_output_paths_are_argument_errors_before_any_work(arguments, 
 @pytest.mark.reliability
 def test_the_suite_runs_torch_with_the_threads_omp_num_threads_names():
     """conftest sets OMP_NUM_THREADS before torch is imported; a plugin importing torch first would undo it."""
-    import os
-
     assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
