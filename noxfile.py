@@ -345,6 +345,7 @@ MUTMUT = "mutmut==3.8.1"
 MUTATION_TARGETS: dict[str, list[str]] = {
     "sizes": ["earthmind_compat.sizes.*"],
     "bands": ["earthmind_compat.bands.*"],
+    "weights": ["earthmind_compat.weights.*"],
     "arguments": ["earthmind_compat.arguments.*"],
     "optimize.techniques": ["earthmind_compat.optimize.techniques.*"],
     "optimize.options": ["earthmind_compat.optimize.options.*"],

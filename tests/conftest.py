@@ -1,4 +1,4 @@
-"""Shared test set-up: GPU auto-skip, hypothesis profiles, offline mode and a socket guard."""
+"""Shared test set-up: GPU auto-skip, hypothesis profiles, offline mode, one CPU thread and a socket guard."""
 
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ from hypothesis import HealthCheck, Phase, settings
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# One intra-op thread, before torch is imported (and inherited by the suite's subprocesses: the terratorch
+# executable, DDP workers). The suite's models are tiny: their tensors are far below the size at which
+# torch splits an op across threads, so a second thread buys nothing, while OpenMP's idle threads spin for
+# CPU; on the 2-core CI machine that made the lifecycle tests 5-8x slower whenever anything else ran
+# (measured in the note of issue 14). Set OMP_NUM_THREADS yourself to test with more threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import earthmind_compat  # noqa: F401  (registers the backbones in TerraTorch for every test)
 

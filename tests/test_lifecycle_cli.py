@@ -6,8 +6,9 @@ Per technique at least one backbone walks ``fit`` -> ``test`` -> ``predict`` -> 
 checkpoint file:
 
 - ``qlora+ckpt`` (Granite, UNetDecoder: the journey that used to break at ``test``) through the
-  ``terratorch`` executable in a subprocess for ``fit`` and ``predict`` (two cold starts), then ``test``,
-  the resumed ``fit`` and ``earthmind-compat export-adapters`` in process;
+  ``terratorch`` executable in a subprocess for ``fit`` (one cold start: a plain ``terratorch`` finds our
+  backbones through ``custom_modules``), then ``predict``, ``test``, the resumed ``fit`` and
+  ``earthmind-compat export-adapters`` in process;
 - ``none`` and ``nf4+dq`` (InternVL) through ``earthmind-compat fit/test/predict`` in process;
 - ``int8`` (EarthMind) through TerraTorch's CLI in process (``build_lightning_cli``, what ``terratorch`` runs);
 - ``bf16-mixed`` precision on a bf16 checkpoint (InternVL).
@@ -169,11 +170,11 @@ def test_qlora_granite_through_terratorch_and_export(workdir, monkeypatch):
     name = write_config(
         workdir, "granite_qlora", config("granite_qlora", "granite_4_tiny", "qlora+ckpt", "UNetDecoder")
     )
-    terratorch_executable(workdir, "fit", "-c", name)  # cold start 1: plain terratorch + custom_modules
+    terratorch_executable(workdir, "fit", "-c", name)  # the cold start: plain terratorch + custom_modules
     checkpoint = only_checkpoint(workdir, "granite_qlora")
     out = workdir / "predictions_granite"
-    terratorch_executable(workdir, "predict", "-c", name, "--ckpt_path", checkpoint, "--predict_output_dir", str(out))
-    assert_predictions_on_the_input_grid(workdir, out)  # cold start 2
+    terratorch_in_process("predict", "-c", name, "--ckpt_path", checkpoint, "--predict_output_dir", str(out))
+    assert_predictions_on_the_input_grid(workdir, out)
 
     tested = terratorch_in_process("test", "-c", name, "--ckpt_path", checkpoint)
     assert torch.isfinite(tested.trainer.callback_metrics["test/loss"])

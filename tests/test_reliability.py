@@ -7,6 +7,7 @@ dependency) with a message that names the problem and says what to do.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import socket
 from collections.abc import Callable
@@ -591,3 +592,9 @@ def test_unwritable_output_paths_are_argument_errors_before_any_work(arguments, 
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert says in error and "Traceback" not in error
+
+
+@pytest.mark.reliability
+def test_the_suite_runs_torch_with_the_threads_omp_num_threads_names():
+    """conftest sets OMP_NUM_THREADS before torch is imported; a plugin importing torch first would undo it."""
+    assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
