@@ -14,11 +14,15 @@ from earthmind_compat.errors import ConfigurationError
 
 
 def find_blocks(backbone: nn.Module) -> nn.ModuleList:
-    """The backbone's repeated blocks: the ``nn.ModuleList`` holding the most parameters.
+    """The backbone's repeated blocks: those of its ``block_lists`` in order (e.g. a vision tower's layers, then
+    the language layers run after it), or else the ``nn.ModuleList`` holding the most parameters.
 
     Raises:
         ConfigurationError: if the backbone holds no ``nn.ModuleList`` with parameters.
     """
+    declared = getattr(backbone, "block_lists", None)
+    if declared:
+        return nn.ModuleList([block for blocks in declared for block in blocks])
     best, best_size = None, 0
     for module in backbone.modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
