@@ -166,6 +166,7 @@ def with_language_rules(rules: Sequence[KeyRule]) -> tuple[KeyRule, ...]:
             return tuple(rule for rule in rules if rule != skip) + language
     raise WeightsError("This checkpoint layout holds no language model.")
 
+
 #: Defaults of the released ``InternVisionConfig`` (InternVL's ``configuration_intern_vit.py``; EarthMind ships
 #: the same file) for every key of a remote ``vision_config`` that this package reads. They describe
 #: InternViT-6B: a config that omits ``qkv_bias`` builds a tower *without* qkv bias, with qk normalisation and

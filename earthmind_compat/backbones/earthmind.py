@@ -57,6 +57,7 @@ from earthmind_compat.backbones.internvl import (
     vision_config_from_preset,
 )
 from earthmind_compat.backbones.language import (
+    QWEN2_LORA_TARGETS,
     build_language_model,
     check_language_attention,
     check_language_layers,
@@ -308,6 +309,11 @@ class EarthMindBackbone(TokenBackbone):
             load_strict(self.gate, checkpoint.parts[GATE], checkpoint.directory, "cross-modal gate")
         if self.language_model is not None:
             load_language(self.language_model, checkpoint)
+
+    @property
+    def extra_lora_targets(self) -> tuple[str, ...]:
+        """LoRA targets of the language layers (:data:`~earthmind_compat.backbones.language.QWEN2_LORA_TARGETS`)."""
+        return () if self.language_model is None else QWEN2_LORA_TARGETS
 
     @property
     def block_lists(self) -> tuple[torch.nn.ModuleList, ...]:

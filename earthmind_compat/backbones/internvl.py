@@ -13,6 +13,7 @@ from transformers.models.internvl.modeling_internvl import InternVLMultiModalPro
 from earthmind_compat.arguments import resolve_dtype
 from earthmind_compat.backbones.base import BackboneSpec, TokenBackbone, resolve_out_indices
 from earthmind_compat.backbones.language import (
+    QWEN2_LORA_TARGETS,
     QWEN25_3B,
     TINY_QWEN2,
     build_language_model,
@@ -205,12 +206,14 @@ class LayerChoice:
         return [i - self.vision_layers for i in self.out_indices if i >= self.vision_layers]
 
     def gather(self, vision: Sequence[torch.Tensor], language: Mapping[int, torch.Tensor]) -> list[torch.Tensor]:
-        """The features in ``out_indices`` order from the vision features (in :attr:`vision` order) and the
-        language layers' outputs (``{language index: tensor}``)."""
+        """The features in ``out_indices`` order.
+
+        Args:
+            vision: The chosen vision layers' features, in :attr:`vision` order.
+            language: ``{language layer: feature}`` of the chosen language layers.
+        """
         by_vision = dict(zip(self.vision, vision, strict=True))
-        return [
-            by_vision[i] if i < self.vision_layers else language[i - self.vision_layers] for i in self.out_indices
-        ]
+        return [by_vision[i] if i < self.vision_layers else language[i - self.vision_layers] for i in self.out_indices]
 
 
 def choose_layers(out_indices: Sequence[int] | None, vision_layers: int, language_layers: int) -> LayerChoice:
@@ -410,6 +413,11 @@ class InternVLBackbone(TokenBackbone):
             load_language(self.language_model, checkpoint)
 
     @property
+    def extra_lora_targets(self) -> tuple[str, ...]:
+        """LoRA targets of the language layers (:data:`~earthmind_compat.backbones.language.QWEN2_LORA_TARGETS`)."""
+        return () if self.language_model is None else QWEN2_LORA_TARGETS
+
+    @property
     def block_lists(self) -> tuple[nn.ModuleList, ...]:
         """The backbone's repeated blocks: the vision tower's layers, then the language layers it runs."""
         lists = (self.model.encoder.layer,)
@@ -437,7 +445,8 @@ class InternVLBackbone(TokenBackbone):
         vision, projected = run_tower(self, hidden, (rows, cols))
         language = {}
         if self.language_model is not None:
-            language = run_language_layers(self.language_model, projected, self.layers.language, self.language_attention)
+            chosen = self.layers.language
+            language = run_language_layers(self.language_model, projected, chosen, self.language_attention)
         features = self.layers.gather(vision, language)
         if self.with_projector:
             features.append(projected)

@@ -28,6 +28,9 @@ from earthmind_compat.errors import ConfigurationError, WeightsError
 #: Attention modes over the image tokens: ``bidirectional`` (default) or ``causal``.
 LANGUAGE_ATTENTION = ("bidirectional", "causal")
 
+#: LoRA targets of a Qwen2 decoder layer: the attention projections and the gated MLP.
+QWEN2_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 #: Qwen2.5-3B-Instruct, the language model of InternVL2.5-4B and EarthMind-4B (its released ``config.json``).
 QWEN25_3B: dict[str, object] = {
     "hidden_size": 2048,
@@ -163,5 +166,3 @@ def run_language_layers(
         if index in wanted:
             collected[index] = hidden
     return collected
-
-

@@ -1,0 +1,249 @@
+"""``language_layers=k``: the first k decoder layers of the released language model over the projected image tokens.
+
+Every checkpoint is a tiny model built from ``transformers``' real config classes and written in the layouts the
+publishers ship (native ``-hf``, InternVL's remote ``internvl_chat``, EarthMind's ``sa2va_chat``). The reference is
+``transformers``' own language model (``Qwen2Model`` / ``Qwen2ForCausalLM``), loaded independently of our key map
+and fed the same projected tokens through ``inputs_embeds``: with causal attention our layers must reproduce its
+hidden states; bidirectional attention must not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from earthmind_reference import TINY_VISION, write_remote_checkpoint
+from internvl_layouts import native_model, write_internvl_chat, write_native, write_native_vision
+from safetensors import safe_open
+from safetensors.torch import save_file
+from terratorch.registry import BACKBONE_REGISTRY
+
+from earthmind_compat import weights
+from earthmind_compat.errors import ConfigurationError, WeightsError
+from earthmind_compat.optimize import apply
+from earthmind_compat.optimize.families import derived_lora_targets, find_blocks, lora_targets
+
+pytestmark = pytest.mark.registry
+
+K = 2  # language layers run in these tests; the checkpoints hold 4
+LM_LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One tiny InternVL2.5 model (4 language layers) in the native and remote layouts, and a tiny EarthMind."""
+    root = tmp_path_factory.mktemp("language")
+    model = native_model(seed=11, text_layers=LM_LAYERS)
+    return {
+        "native": write_native(model, root / "native", shards=2),
+        "internvl_chat": write_internvl_chat(model, root / "internvl_chat", shards=2),
+        "native_vision": write_native_vision(model, root / "native_vision"),
+        "sa2va_chat": _earthmind(root / "sa2va_chat"),
+    }
+
+
+def _earthmind(directory: Path) -> Path:
+    write_remote_checkpoint(directory, TINY_VISION, seed=4, llm_layers=LM_LAYERS)
+    return directory
+
+
+def _image(seed: int = 3, channels: int = 3) -> torch.Tensor:
+    return torch.randn(2, channels, 56, 56, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_language_model(directory: Path):
+    """transformers' ``Qwen2ForCausalLM`` with every ``language_model.*`` tensor of a remote checkpoint (strict).
+
+    Written from the remote layout (``language_model.`` + the ``Qwen2ForCausalLM`` names), not from our key map.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = json.loads((directory / "config.json").read_text())["llm_config"]
+    model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in config.items() if k != "architectures"}))
+    state = {}
+    for path in directory.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():
+                if key.startswith("language_model."):
+                    state[key.removeprefix("language_model.")] = handle.get_tensor(key).float()
+    model.load_state_dict(state, strict=not config.get("tie_word_embeddings", True))
+    return model.eval()
+
+
+def reference_hidden_states(language_model, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The language model's per-layer hidden states for ``inputs_embeds=tokens`` (its own causal mask)."""
+    with torch.no_grad():
+        return language_model(inputs_embeds=tokens, output_hidden_states=True).hidden_states
+
+
+def build(name: str, **kwargs):
+    torch.manual_seed(0)
+    return BACKBONE_REGISTRY.build(name, preset="tiny", **kwargs).eval()
+
+
+def run(backbone, x):
+    with torch.no_grad():
+        return backbone(x)
+
+
+# -- the features against transformers' own language model -----------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["native", "internvl_chat"])
+def test_causal_language_layers_match_transformers(checkpoints, layout):
+    directory = checkpoints[layout]
+    kwargs = {"weights": str(directory), "language_layers": K, "with_projector": True, "out_indices": [-2, -1]}
+    causal = build("internvl2_5_4b", language_attention="causal", **kwargs)
+    first, second, projected = run(causal, _image())
+    assert first.shape == second.shape == projected.shape == (2, 4, 64)  # 56 px: 4 x 4 patches -> 2 x 2 merged
+    if layout == "native":
+        from transformers import InternVLForConditionalGeneration
+
+        language_model = InternVLForConditionalGeneration.from_pretrained(str(directory)).model.language_model.eval()
+    else:
+        language_model = reference_language_model(directory)
+    states = reference_hidden_states(language_model, projected)
+    torch.testing.assert_close(first, states[1], rtol=0, atol=0)
+    torch.testing.assert_close(second, states[2], rtol=0, atol=0)
+
+    bidirectional = build("internvl2_5_4b", **kwargs)
+    first_b, second_b, projected_b = run(bidirectional, _image())
+    assert torch.equal(projected_b, projected)
+    assert not torch.allclose(first_b, first, atol=1e-3)
+    assert not torch.allclose(second_b, second, atol=1e-3)
+
+
+def test_earthmind_language_layers_read_the_release_order(checkpoints):
+    """SAR then optical tokens, one sequence, through EarthMind's language model; features laid out per position."""
+    directory = checkpoints["sa2va_chat"]
+    modalities = {"sar": 3, "optical": 3}
+    x = {"sar": _image(1), "optical": _image(2)}
+    kwargs = {"weights": str(directory), "modalities": modalities, "language_layers": K, "with_projector": True}
+    model = build("earthmind_v1", language_attention="causal", out_indices=[-1], **kwargs)
+    last, projected = run(model, x)
+    width = TINY_VISION_LLM = projected.shape[-1] // 2
+    assert model.out_channels == [2 * TINY_VISION_LLM, 2 * TINY_VISION_LLM]
+    sequence = torch.cat(projected.split(width, dim=-1), dim=1)  # SAR tokens, then optical tokens
+    states = reference_hidden_states(reference_language_model(directory), sequence)
+    torch.testing.assert_close(last, torch.cat(states[K].chunk(2, dim=1), dim=-1), rtol=0, atol=0)
+
+    bidirectional = run(build("earthmind_v1", out_indices=[-1], **kwargs), x)[0]
+    assert not torch.allclose(bidirectional, last, atol=1e-4)
+
+
+# -- weights: only the k layers, strictly --------------------------------------------------------------------------
+
+
+def test_only_the_first_k_layers_are_read(checkpoints, monkeypatch):
+    read: list[str] = []
+    original = weights.CheckpointFiles.load
+
+    def recording(self, keys):
+        keys = list(keys)
+        read.extend(keys)
+        return original(self, keys)
+
+    monkeypatch.setattr(weights.CheckpointFiles, "load", recording)
+    build("internvl2_5_4b", weights=str(checkpoints["internvl_chat"]), language_layers=K)
+    language = sorted({key.split(".")[3] for key in read if key.startswith("language_model.")})
+    assert language == [str(i) for i in range(K)]
+    assert not [key for key in read if "embed_tokens" in key or "lm_head" in key or key.endswith("model.norm.weight")]
+
+
+def _copy_with(source: Path, target: Path, drop: str | None = None, add: dict | None = None) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    for path in target.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys() if k != drop}
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    if add:
+        extra = target / "model-extra.safetensors"
+        save_file(add, str(extra), metadata={"format": "pt"})
+        index = target / "model.safetensors.index.json"
+        data = json.loads(index.read_text())
+        data["weight_map"].update(dict.fromkeys(add, extra.name))
+        data["weight_map"] = {k: v for k, v in data["weight_map"].items() if k != drop}
+        index.write_text(json.dumps(data))
+    elif drop:
+        index = target / "model.safetensors.index.json"
+        data = json.loads(index.read_text())
+        data["weight_map"].pop(drop, None)
+        index.write_text(json.dumps(data))
+    return target
+
+
+def test_missing_or_unknown_language_tensors_are_weights_errors(checkpoints, tmp_path):
+    source = checkpoints["internvl_chat"]
+    missing = _copy_with(source, tmp_path / "missing", drop="language_model.model.layers.3.mlp.down_proj.weight")
+    with pytest.raises(WeightsError, match=r"missing.*language_model\.layers\.3\.mlp\.down_proj\.weight"):
+        build("internvl2_5_4b", weights=str(missing), language_layers=K)  # a later layer: still checked
+    build("internvl2_5_4b", weights=str(missing), language_layers=0)  # without language layers it is not read
+
+    extra = {"language_model.model.layers.0.self_attn.rotary.weight": torch.zeros(2)}
+    unknown = _copy_with(source, tmp_path / "unknown", add=extra)
+    with pytest.raises(WeightsError, match=r"unexpected.*language_model\.model\.layers\.0\.self_attn\.rotary"):
+        build("internvl2_5_4b", weights=str(unknown), language_layers=K)
+
+
+def test_layouts_without_language_model_refuse_language_layers(checkpoints):
+    with pytest.raises(WeightsError, match=r"holds no .*language model"):
+        build("internvl2_5_4b", weights=str(checkpoints["native_vision"]), language_layers=1)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("value", [True, 1.0, "2", -1, 5])
+def test_language_layers_must_be_an_integer_in_range(value):
+    with pytest.raises(ConfigurationError, match=r"language_layers.*0\.\.(4|N)"):
+        build("internvl2_5_4b", language_layers=value)
+
+
+@pytest.mark.reliability
+def test_language_layers_beyond_the_checkpoint_depth_name_it(checkpoints):
+    with pytest.raises(ConfigurationError, match=r"language_layers=5 is outside 0\.\.4"):
+        build("earthmind_v1", weights=str(checkpoints["sa2va_chat"]), language_layers=5)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("name", ["internvl2_5_4b", "earthmind_v1"])
+def test_language_attention_choices(name):
+    with pytest.raises(ConfigurationError, match=r"language_attention must be one of 'bidirectional', 'causal'"):
+        build(name, language_layers=1, language_attention="masked")
+
+
+# -- features, out_indices and the blocks the techniques see -------------------------------------------------------
+
+
+@pytest.mark.shapes
+@pytest.mark.parametrize("name", ["internvl2_5_4b", "earthmind_v1"])
+def test_out_indices_span_vision_then_language_layers(name):
+    model = build(name, language_layers=3, out_indices=[0, 4, -1])  # tiny: 4 vision layers, then 3 language
+    features = run(model, _image())
+    vision, language = model.vision_config.hidden_size, model.text_hidden_size
+    cls = int(model.has_cls_token)
+    assert [f.shape for f in features] == [(2, 16 + cls, vision), (2, 4, language), (2, 4, language)]
+    assert model.out_channels == [vision, language, language]
+    assert len(find_blocks(model)) == 4 + 3
+    assert set(lora_targets(model)) == set(derived_lora_targets(model))
+    assert {"o_proj", "gate_proj", "up_proj", "down_proj"} <= set(lora_targets(model))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("technique", ["int8", "nf4", "lora", "qlora", "ckpt", "qlora+ckpt"])
+def test_techniques_cover_the_language_layers(technique):
+    model = BACKBONE_REGISTRY.build("internvl2_5_4b", preset="tiny", language_layers=K, out_indices=[-1])
+    apply(model, technique)
+    model.train()
+    (feature,) = model(_image())
+    feature.float().pow(2).mean().backward()
+    layer = model.language_model.layers[K - 1]
+    if "lora" in technique:
+        assert layer.mlp.down_proj.lora_B["earthmind"].weight.grad is not None
+    if technique in ("int8", "nf4", "qlora", "qlora+ckpt"):
+        base = getattr(layer.self_attn.o_proj, "base_layer", layer.self_attn.o_proj)
+        assert type(base).__name__ == ("Linear8bitLt" if technique == "int8" else "Linear4bit")
+    if "ckpt" in technique:
+        assert all(getattr(block, "gradient_checkpointing", False) for block in model.language_model.layers)
