@@ -58,11 +58,13 @@ class Layout:
 
     Attributes:
         checkpoint_layout: ``model_type`` values and description (what a backbone spec lists).
-        parts: The parts its tensors fill.
+        parts: The parts its tensors fill (always checked when it is read).
         rules: Its key map.
         settings: Its config translation (:func:`~earthmind_compat.backbones.convert.native_settings` or
             :func:`~earthmind_compat.backbones.convert.remote_settings`).
         remote: Whether it is a remote-code layout (``auto_map`` is then read past, never run).
+        language: Whether it also holds the language model (read, and checked, only when a backbone asks for
+            its layers: the key map otherwise skips it).
     """
 
     checkpoint_layout: CheckpointLayout
@@ -70,6 +72,11 @@ class Layout:
     rules: tuple[KeyRule, ...]
     settings: Callable[[dict, Path], RemoteSettings]
     remote: bool = False
+    language: bool = False
+
+    def holds(self, part: str) -> bool:
+        """Whether the layout holds ``part``."""
+        return part in self.parts or (part == LANGUAGE and self.language)
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -78,7 +85,9 @@ class Layout:
 
 
 def _layout(model_type: str, description: str, parts: tuple[str, ...], rules, settings, remote=False) -> Layout:
-    return Layout(CheckpointLayout((model_type,), {}, description), parts, rules, settings, remote)
+    language = LANGUAGE in parts
+    parts = tuple(part for part in parts if part != LANGUAGE)
+    return Layout(CheckpointLayout((model_type,), {}, description), parts, rules, settings, remote, language)
 
 
 #: Every InternVL-family layout, by ``model_type``.
@@ -213,7 +222,7 @@ def load_checkpoint(
     directory = resolve_weights_dir(weights)
     config = read_config(directory)
     layout = detect_layout(config, directory, accepted)
-    absent = [part for part in parts if part not in layout.parts]
+    absent = [part for part in parts if not layout.holds(part)]
     if absent:
         lacking, holding = (
             " or ".join(PART_NAMES[p] for p in absent),
@@ -221,8 +230,8 @@ def load_checkpoint(
         )
         raise WeightsError(
             f"{directory} ({layout.checkpoint_layout.description}) holds no {lacking}: it has the {holding}. Build "
-            "the backbone without what it lacks (with_projector=False; for EarthMind one modality), or load a "
-            "checkpoint that holds it."
+            "the backbone without what it lacks (with_projector=False, language_layers=0; for EarthMind one "
+            "modality), or load a checkpoint that holds it."
         )
     translated = layout.settings(config, directory)
     settings = {**defaults, **{k: v for k, v in translated.vision.items() if v is not None}}
@@ -231,7 +240,7 @@ def load_checkpoint(
     files = CheckpointFiles(directory, allow_pickle=allow_pickle, config=config)
     reads_language = LANGUAGE in parts
     rules = with_language_rules(layout.rules) if reads_language else layout.rules
-    planned = [part for part in layout.parts if part != LANGUAGE or reads_language]
+    planned = [*layout.parts, LANGUAGE] if reads_language else list(layout.parts)
     expected = expected_shapes(build, settings, planned)
     state = convert_checkpoint(files, expected, rules, parts=set(parts), select=select)
     grouped = split_layout(state)
