@@ -475,9 +475,9 @@ def convert_checkpoint(
 def split_layout(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Group a converted state dict by part: ``{"vision_tower": ..., "projector": ..., "gate": ...}``."""
     parts: dict[str, dict[str, torch.Tensor]] = {
-        p.rstrip("."): {} for p in (VISION_PREFIX, PROJECTOR_PREFIX, GATE_PREFIX, LANGUAGE_PREFIX)
+        p.rstrip("."): {} for p in (VISION_PREFIX, PROJECTOR_PREFIX, GATE_PREFIX)
     }
     for key, tensor in state.items():
         part, _, rest = key.partition(".")
-        parts[part][rest] = tensor
+        parts.setdefault(part, {})[rest] = tensor  # the language model's group exists when it was read
     return parts

@@ -223,8 +223,9 @@ class EarthMindBackbone(TokenBackbone):
         if self.fusion_mode == "gate" and not (projects and len(self.layout.modalities) == 2):
             raise ConfigurationError(
                 "fusion='gate' gates the projected tokens of two modalities against each other, so it needs "
-                "with_projector=True (or language_layers >= 1) and two modalities (e.g. modalities={'S1GRD': "
-                "['VV', 'VH'], 'S2L2A': ['BLUE', 'GREEN', 'RED']}); use the default fusion='concat' otherwise."
+                "with_projector=True and two modalities (language_layers >= 1 also runs the projector; e.g. "
+                "modalities={'S1GRD': ['VV', 'VH'], 'S2L2A': ['BLUE', 'GREEN', 'RED']}); use the default "
+                "fusion='concat' otherwise."
             )
         if projects and keep_cls_token:
             raise ConfigurationError(
