@@ -272,6 +272,8 @@ class EarthMindBackbone(TokenBackbone):
         self.with_projector = bool(with_projector)
         self.language_layers = language_layers
         self.language_model = build_language_model(settings["language"], language_layers) if language_layers else None
+        for layer in self.language_model.layers if self.language_model is not None else ():
+            layer.token_scale = len(self.layout.modalities) / 4  # tokens per image relative to the tower (planner)
 
         num_layers = self.vision_config.num_hidden_layers
         if self.projector_layer is None:

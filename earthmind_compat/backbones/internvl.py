@@ -377,6 +377,8 @@ class InternVLBackbone(TokenBackbone):
             self.projector = InternVLMultiModalProjector(projector_config(self.vision_config, self.text_hidden_size))
         self.language_layers = language_layers
         self.language_model = build_language_model(settings["language"], language_layers) if language_layers else None
+        for layer in self.language_model.layers if self.language_model is not None else ():
+            layer.token_scale = 1 / 4  # tokens it reads per image, relative to the tower's (the memory planner)
         if checkpoint is not None:
             self._load_checkpoint(checkpoint)
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch import nn
 from transformers import Qwen2Config, Qwen2Model
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from earthmind_compat.compat import call_decoder_layer
 from earthmind_compat.errors import ConfigurationError, WeightsError
@@ -129,7 +131,19 @@ def build_language_model(settings: Mapping[str, object], layers: int) -> Qwen2Mo
     config.vocab_size = vocab
     model.embed_tokens = None
     model.norm = None
+    for layer in model.layers:
+        layer.register_forward_pre_hook(_default_positions, with_kwargs=True)
     return model
+
+
+def _default_positions(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """A decoder layer called alone (``layer(hidden)``, e.g. by the memory planner) runs at positions 0..N-1."""
+    if kwargs.get("position_embeddings") is not None:
+        return None
+    hidden = args[0] if args else kwargs["hidden_states"]
+    rotary = Qwen2RotaryEmbedding(layer.self_attn.config).to(hidden.device)
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    return args, {**kwargs, "position_embeddings": rotary(hidden, position_ids), "is_causal": False}
 
 
 def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
