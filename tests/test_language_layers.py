@@ -386,3 +386,26 @@ def _outputs(task, x: torch.Tensor) -> torch.Tensor:
     task.eval()
     with torch.no_grad():
         return task.model(x).output
+
+
+# -- the planner counts the language layers on the meta device ----------------------------------------------------
+
+
+@pytest.mark.numerics
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("technique", ["none", "nf4+dq", "qlora"])
+@pytest.mark.parametrize("name", ["internvl2_5_4b", "earthmind_v1"])
+def test_planner_weight_bytes_are_exact_with_language_layers(name, technique):
+    from earthmind_compat.optimize import memory_bytes
+    from earthmind_compat.optimize.plan import build_on_meta, count_weights
+    from earthmind_compat.optimize.techniques import parse_technique
+
+    on_meta = build_on_meta(name, "tiny", language_layers=3)
+    counted = count_weights(on_meta, parse_technique(technique))
+    torch.manual_seed(0)
+    model = BACKBONE_REGISTRY.build(name, preset="tiny", language_layers=3)
+    parameters = sum(p.numel() for p in model.parameters())
+    apply(model, technique)
+    assert counted["weights"] == memory_bytes(model)
+    assert count_weights(on_meta, parse_technique("none"))["parameters"] == parameters
+    assert counted["parameters"] > sum(p.numel() for p in build_on_meta(name, "tiny").parameters())

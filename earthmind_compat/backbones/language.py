@@ -131,6 +131,7 @@ def build_language_model(settings: Mapping[str, object], layers: int) -> Qwen2Mo
     config.vocab_size = vocab
     model.embed_tokens = None
     model.norm = None
+    model.rotary_emb = None  # computed per call (:func:`rotary_embeddings`): no buffers to count, cast or save
     for layer in model.layers:
         layer.register_forward_pre_hook(_default_positions, with_kwargs=True)
     return model
@@ -141,9 +142,18 @@ def _default_positions(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     if kwargs.get("position_embeddings") is not None:
         return None
     hidden = args[0] if args else kwargs["hidden_states"]
-    rotary = Qwen2RotaryEmbedding(layer.self_attn.config).to(hidden.device)
     position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
-    return args, {**kwargs, "position_embeddings": rotary(hidden, position_ids), "is_causal": False}
+    embeddings = rotary_embeddings(layer.self_attn.config, hidden, position_ids)
+    return args, {**kwargs, "position_embeddings": embeddings, "is_causal": False}
+
+
+def rotary_embeddings(config: Qwen2Config, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple:
+    """The language model's rotary ``(cos, sin)`` at ``position_ids``, from its own ``Qwen2RotaryEmbedding``.
+
+    Built per call (a few hundred frequencies) in float32 on ``hidden``'s device, so the backbone holds no buffer
+    that a dtype cast would round.
+    """
+    return Qwen2RotaryEmbedding(config).to(hidden.device)(hidden, position_ids)
 
 
 def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -171,7 +181,7 @@ def run_language_layers(
         return {}
     length = tokens.shape[1]
     position_ids = torch.arange(length, device=tokens.device)[None]
-    position_embeddings = model.rotary_emb(tokens, position_ids)
+    position_embeddings = rotary_embeddings(model.config, tokens, position_ids)
     mask = causal_mask(length, tokens.dtype, tokens.device) if attention == "causal" else None
     collected: dict[int, torch.Tensor] = {}
     hidden = tokens
