@@ -244,7 +244,8 @@ def estimate_activations(
     """Estimated peak activation bytes of one training step of ``backbone`` (fp32), see the module docstring."""
     targets = tuple(lora_targets(backbone)) if techniques.lora else ()
     blocks = find_blocks(backbone)
-    hidden = int(getattr(backbone, "out_channels", [0])[0])
+    # the width of the stem's tokens: a backbone whose first feature may be another width says it (token_width)
+    hidden = int(getattr(backbone, "token_width", 0) or getattr(backbone, "out_channels", [0])[0])
     chunk = int(getattr(getattr(backbone, "config", None), "mamba_chunk_size", 0) or 0)
     if chunk:
         tokens = chunk  # whole Mamba chunks
