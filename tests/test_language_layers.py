@@ -409,3 +409,29 @@ def test_planner_weight_bytes_are_exact_with_language_layers(name, technique):
     assert counted["weights"] == memory_bytes(model)
     assert count_weights(on_meta, parse_technique("none"))["parameters"] == parameters
     assert counted["parameters"] > sum(p.numel() for p in build_on_meta(name, "tiny").parameters())
+
+
+# -- sizes and every decoder ----------------------------------------------------------------------------------------
+
+
+def test_full_preset_counts_qwen25_3b_non_embedding_parameters_on_meta():
+    """Qwen2.5-3B: 2.77 B non-embedding parameters (its model card), 36 layers of 77,076,992."""
+    with torch.device("meta"):
+        model = BACKBONE_REGISTRY.build("internvl2_5_4b", preset="full", language_layers=36)
+    language = sum(p.numel() for p in model.language_model.parameters())
+    assert language == 36 * 77_076_992
+    assert sum(p.numel() for p in model.parameters()) == 3_091_379_200  # + InternViT-300M + the projector
+    assert model.out_channels == [1024, 2048, 2048, 2048]  # default out_indices over 24 + 36 layers
+    assert model.out_indices == [14, 29, 44, 59]
+
+
+@pytest.mark.parametrize("decoder", ["UperNetDecoder", "FCNDecoder", "UNetDecoder", "LinearDecoder", "smp_FPN"])
+@pytest.mark.parametrize("name", ["internvl2_5_4b", "earthmind_v1"])
+def test_every_decoder_builds_on_language_features(name, decoder):
+    from earthmind_compat.recipes import build_model
+
+    model = build_model(
+        name, decoder, num_classes=3, preset="tiny", in_chans=4, language_layers=2, out_indices=[-3, -2, -1]
+    )
+    x = torch.randn(2, 4, 56, 56)
+    assert model(x).output.shape == (2, 3, 56, 56)
