@@ -255,7 +255,7 @@ def test_techniques_cover_the_language_layers(technique):
 
 #: Relative error and 1 - cosine of a language block's residual branch, quantized vs fp32, measured over 20 seeds
 #: (model init and input) x the 4 language blocks of ``internvl2_5_4b`` tiny with ``language_layers=4``
-#: (bitsandbytes 0.50.2, torch 2.14.1, CPU), by ``python /tmp/measure_lm_tol.py`` as in the README's section:
+#: (bitsandbytes 0.50.2, torch 2.14.1, CPU), by ``python -m tools.language_tolerance``:
 #:   int8 rel 0.0114 +- 0.0013  1-cos 0.00006 +- 0.00001
 #:   nf4  rel 0.1307 +- 0.0166  1-cos 0.00855 +- 0.00218
 #:   fp4  rel 0.1757 +- 0.0183  1-cos 0.01525 +- 0.00328
