@@ -244,3 +244,39 @@ def check_nf4(backbone: str) -> str:
 def check_qlora(backbone: str) -> str:
     """QLoRA (nf4 + dq + LoRA) with activation checkpointing, one training step."""
     return _optimized_step(backbone, "qlora+ckpt")
+
+
+#: Language layers the ``language`` check runs (of the tiny language model's 4).
+CHECK_LANGUAGE_LAYERS = 2
+
+
+@feature("language")
+def check_language(backbone: str) -> str:
+    """Language layers after the projector (``language_layers``), under QLoRA + checkpointing, through UperNet."""
+    from earthmind_compat.backbones.base import argument_names
+
+    if "language_layers" not in argument_names(backbone_class(backbone).__init__):
+        return "n/a: no language model after a projector"
+    model = build_model(
+        backbone,
+        "UperNetDecoder",
+        num_classes=2,
+        preset="tiny",
+        in_chans=TINY_BANDS,
+        language_layers=CHECK_LANGUAGE_LAYERS,
+        out_indices=[1, -2, -1],
+        technique="qlora+ckpt",
+    )
+    encoder = model.encoder
+    x = tiny_input(backbone)
+    with torch.no_grad():
+        features = encoder.eval()(x)
+    rows, cols = encoder.grid_size(x.shape[-2], x.shape[-1])
+    merged = (2, rows * cols // 4, encoder.text_hidden_size)
+    expect([tuple(f.shape) for f in features[1:]] == [merged] * 2, f"language features {features[1].shape}")
+    model.train()
+    output = model(x).output
+    output.float().mean().backward()
+    adapters = [p for n, p in encoder.language_model.named_parameters() if "lora_" in n]
+    expect(adapters and all(p.grad is not None for p in adapters), "no gradient reached the language layers' LoRA")
+    return f"{CHECK_LANGUAGE_LAYERS} layers x {list(merged)}, qlora+ckpt, UperNet -> {list(output.shape)}"

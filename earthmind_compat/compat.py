@@ -156,6 +156,31 @@ def call_with_hidden_states(model: object, *args: object, **kwargs: object) -> o
         config.output_hidden_states = previous
 
 
+def call_decoder_layer(
+    layer: object,
+    hidden: object,
+    position_embeddings: tuple,
+    position_ids: object,
+    attention_mask: object | None,
+) -> object:
+    """Call one transformers decoder layer (e.g. ``Qwen2DecoderLayer``) outside its model's loop, in every version.
+
+    transformers 4.52 returns a tuple and 5.x the hidden states alone (:func:`first_tensor` takes either).
+    ``attention_mask`` is an additive 4-D mask or ``None``; ``is_causal=False`` reaches the attention function as
+    a keyword in 4.x and 5.x alike, so ``None`` means no mask at all (bidirectional) with the SDPA and eager
+    attention implementations, never the implicit causal mask SDPA would otherwise apply.
+    """
+    return first_tensor(
+        layer(
+            hidden,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            is_causal=False,
+        )
+    )
+
+
 def first_tensor(output: object) -> object:
     """The hidden states of a transformers sub-module's output, across versions.
 

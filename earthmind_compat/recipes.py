@@ -58,7 +58,7 @@ class FeatureLayout:
         patch_size: Side of one patch in pixels.
         has_cls_token: Whether full-resolution token tensors start with a CLS token.
         in_chans: Number of input bands.
-        merged_last: Whether the last feature lies on a 2x merged token grid (InternVL's projector).
+        merged_last: Whether some features lie on a 2x merged token grid (InternVL's projector, the language layers).
     """
 
     out_channels: tuple[int, ...]
@@ -88,7 +88,7 @@ def layout_of(backbone: nn.Module) -> FeatureLayout:
         patch_size=patch,
         has_cls_token=bool(backbone.has_cls_token),
         in_chans=int(backbone.in_chans),
-        merged_last=bool(getattr(backbone, "with_projector", False)),
+        merged_last=bool(getattr(backbone, "with_projector", False) or getattr(backbone, "language_layers", 0)),
     )
 
 

@@ -196,7 +196,12 @@ TINY_LLM_HIDDEN = 24
 
 
 def write_remote_checkpoint(
-    directory: Path, vision_cfg: dict = TINY_VISION, select_layer: int = -1, seed: int = 0, extra: dict | None = None
+    directory: Path,
+    vision_cfg: dict = TINY_VISION,
+    select_layer: int = -1,
+    seed: int = 0,
+    extra: dict | None = None,
+    llm_layers: int = 1,
 ) -> RemoteEarthMind:
     """Build a random :class:`RemoteEarthMind`, save it with a tiny language model, SAM2 and ``text_hidden_fcs``
     tensors in the released layout (two safetensors shards and a ``sa2va_chat`` config), and return it.
@@ -207,7 +212,7 @@ def write_remote_checkpoint(
     model = RemoteEarthMind(vision_cfg, TINY_LLM_HIDDEN, select_layer).eval()
     llm_config = Qwen2Config(
         hidden_size=TINY_LLM_HIDDEN,
-        num_hidden_layers=1,
+        num_hidden_layers=llm_layers,
         num_attention_heads=2,
         num_key_value_heads=1,
         intermediate_size=32,

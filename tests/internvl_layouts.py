@@ -27,14 +27,14 @@ TINY_6B = {**TINY_300M, "attention_bias": False, "use_qk_norm": True, "norm_type
 TEXT_HIDDEN = 64
 
 
-def native_model(vision: dict = TINY_300M, seed: int = 5):
+def native_model(vision: dict = TINY_300M, seed: int = 5, text_layers: int = 1):
     """A tiny ``InternVLForConditionalGeneration`` from the real config classes, every tensor random."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
 
     torch.manual_seed(seed)
     text = Qwen2Config(
         hidden_size=TEXT_HIDDEN,
-        num_hidden_layers=1,
+        num_hidden_layers=text_layers,
         num_attention_heads=2,
         num_key_value_heads=1,
         intermediate_size=64,

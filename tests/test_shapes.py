@@ -72,6 +72,11 @@ def model_configs(draw, backbone: str, task: str, decoder: str):
     depth, arguments = tiny_facts(backbone)
     bands = draw(st.integers(1, 13))
     kwargs: dict = {"preset": "tiny", "in_chans": bands}
+    if "language_layers" in arguments:  # language layers after the projector extend the stack out_indices counts
+        kwargs["language_layers"] = draw(st.integers(0, 2))
+        depth += kwargs["language_layers"]
+        if kwargs["language_layers"]:
+            kwargs["language_attention"] = draw(st.sampled_from(["bidirectional", "causal"]))
     layers = st.lists(st.integers(-depth, depth - 1), min_size=1, max_size=depth, unique_by=lambda i: i % depth)
     out_indices = draw(st.none() | layers)
     if out_indices is not None:
@@ -79,13 +84,14 @@ def model_configs(draw, backbone: str, task: str, decoder: str):
     for flag in ("keep_cls_token", "with_projector", "bidirectional_mamba"):
         if flag in arguments:
             kwargs[flag] = draw(st.booleans())
-    if kwargs.get("with_projector") and kwargs.get("keep_cls_token") and "modalities" in arguments:
+    merged = kwargs.get("with_projector") or kwargs.get("language_layers")
+    if merged and kwargs.get("keep_cls_token") and "modalities" in arguments:
         kwargs["keep_cls_token"] = False  # EarthMind refuses this pair with a ConfigurationError of its own
     if "modalities" in arguments and bands >= 2 and draw(st.booleans()):
         sar = draw(st.integers(1, bands - 1))
         kwargs["modalities"] = (("SAR", sar), ("OPTICAL", bands - sar))
         del kwargs["in_chans"]
-        if kwargs.get("with_projector") and "fusion" in arguments:
+        if merged and "fusion" in arguments:
             kwargs["fusion"] = draw(st.sampled_from(["concat", "gate"]))  # EarthMind: same shapes either way
     if task.endswith("regression"):
         outputs = draw(st.integers(1, 2)) if factory_takes_num_outputs() else 1  # TerraTorch 1.0: one output

@@ -27,7 +27,7 @@ stated reason), and every native tensor must be filled with a tensor of the righ
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -44,6 +44,8 @@ REMOTE_VISION_MODEL_TYPE = "intern_vit_6b"
 
 #: Prefixes of the native layout produced by :func:`convert_checkpoint`.
 VISION_PREFIX, PROJECTOR_PREFIX, GATE_PREFIX = "vision_tower.", "projector.", "gate."
+#: Prefix of the language model's decoder layers in the native layout (``language_model.layers.N.*``).
+LANGUAGE_PREFIX = "language_model."
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,33 @@ class KeyRule:
 
 
 _LANGUAGE_MODEL = "the Qwen2.5 language model reads the image tokens; not an image backbone"
+
+#: The remote layouts' skip of the whole language model (replaced by :data:`REMOTE_LANGUAGE_RULES` when a
+#: backbone runs language layers).
+_SKIP_REMOTE_LANGUAGE = KeyRule(r"language_model\..+", reason=_LANGUAGE_MODEL)
+#: The native layouts' skip of the whole language model (replaced by :data:`NATIVE_LANGUAGE_RULES`).
+_SKIP_NATIVE_LANGUAGE = KeyRule(r"(?:model\.)?language_model\..+", reason=_LANGUAGE_MODEL)
+
+_NOT_EMBEDDING = "the token embedding: images enter the language model as projected tokens"
+_NOT_NORM = "the language model's final norm: language-layer features are raw layer outputs"
+
+#: The remote layouts' language model (``Qwen2ForCausalLM`` under ``language_model.``) when a backbone runs its
+#: decoder layers: the layers renamed, the rest skipped.
+REMOTE_LANGUAGE_RULES: tuple[KeyRule, ...] = (
+    KeyRule(r"language_model\.model\.layers\.(\d+)\.(.+)", (LANGUAGE_PREFIX + r"layers.\1.\2",)),
+    KeyRule(r"language_model\.model\.embed_tokens\.weight", reason=_NOT_EMBEDDING),
+    KeyRule(r"language_model\.model\.norm\.weight", reason=_NOT_NORM),
+    KeyRule(r"language_model\.lm_head\.weight", reason="the language model's output layer"),
+)
+
+#: The native layouts' language model (``model.language_model.*`` in transformers 5.x and recent 4.x, or
+#: ``language_model.model.*`` in older ``-hf`` conversions) when a backbone runs its decoder layers.
+NATIVE_LANGUAGE_RULES: tuple[KeyRule, ...] = (
+    KeyRule(r"(?:model\.)?language_model\.(?:model\.)?layers\.(\d+)\.(.+)", (LANGUAGE_PREFIX + r"layers.\1.\2",)),
+    KeyRule(r"(?:model\.)?language_model\.(?:model\.)?embed_tokens\.weight", reason=_NOT_EMBEDDING),
+    KeyRule(r"(?:model\.)?language_model\.(?:model\.)?norm\.weight", reason=_NOT_NORM),
+    KeyRule(r"language_model\.lm_head\.weight", reason="the language model's output layer"),
+)
 
 
 def _internvit_rules(prefix: str) -> tuple[KeyRule, ...]:
@@ -98,7 +127,7 @@ INTERNVL_CHAT_RULES: tuple[KeyRule, ...] = (
     KeyRule(r"mlp1\.0\.(weight|bias)", (PROJECTOR_PREFIX + r"layer_norm.\1",)),
     KeyRule(r"mlp1\.1\.(weight|bias)", (PROJECTOR_PREFIX + r"linear_1.\1",)),
     KeyRule(r"mlp1\.3\.(weight|bias)", (PROJECTOR_PREFIX + r"linear_2.\1",)),
-    KeyRule(r"language_model\..+", reason=_LANGUAGE_MODEL),
+    _SKIP_REMOTE_LANGUAGE,
 )
 
 #: EarthMind's remote-code names (``sa2va_chat``, ``sy1998/EarthMind-4B``) -> native names: InternVL's map plus
@@ -115,12 +144,28 @@ KEY_RULES: tuple[KeyRule, ...] = (
 NATIVE_MODEL_RULES: tuple[KeyRule, ...] = (
     KeyRule(r"(?:model\.)?vision_tower\.(.+)", (VISION_PREFIX + r"\1",)),
     KeyRule(r"(?:model\.)?multi_modal_projector\.(.+)", (PROJECTOR_PREFIX + r"\1",)),
-    KeyRule(r"(?:model\.)?language_model\..+", reason=_LANGUAGE_MODEL),
+    _SKIP_NATIVE_LANGUAGE,
     KeyRule(r"lm_head\..+", reason="the language model's output layer"),
 )
 
 #: A native ``InternVLVisionModel`` saved alone -> native names.
 NATIVE_VISION_RULES: tuple[KeyRule, ...] = (KeyRule(r"(.+)", (VISION_PREFIX + r"\1",)),)
+
+
+def with_language_rules(rules: Sequence[KeyRule]) -> tuple[KeyRule, ...]:
+    """``rules`` with its skip of the whole language model replaced by the rules that read its decoder layers.
+
+    Raises:
+        WeightsError: if ``rules`` does not hold a language model (a layout of the tower alone).
+    """
+    for skip, language in (
+        (_SKIP_REMOTE_LANGUAGE, REMOTE_LANGUAGE_RULES),
+        (_SKIP_NATIVE_LANGUAGE, NATIVE_LANGUAGE_RULES),
+    ):
+        if skip in rules:
+            return tuple(rule for rule in rules if rule != skip) + language
+    raise WeightsError("This checkpoint layout holds no language model.")
+
 
 #: Defaults of the released ``InternVisionConfig`` (InternVL's ``configuration_intern_vit.py``; EarthMind ships
 #: the same file) for every key of a remote ``vision_config`` that this package reads. They describe
@@ -157,10 +202,13 @@ class RemoteSettings:
             output width, ``None`` when the checkpoint does not say).
         projector_layer: Index of the vision layer whose output feeds the projector (``select_layer`` /
             ``vision_feature_layer``).
+        language: The language model's config as the checkpoint states it (``llm_config`` / ``text_config``,
+            Qwen2 field names), ``None`` for a layout without language model.
     """
 
     vision: dict
     projector_layer: int
+    language: dict | None = None
 
 
 class TensorSource(Protocol):
@@ -251,7 +299,7 @@ def remote_settings(config: dict, directory: Path) -> RemoteSettings:
     if settings["norm_type"] not in ("layer_norm", "rms_norm"):
         raise WeightsError(f"{directory}: unknown vision norm_type {settings['norm_type']!r}.")
     layer = _projector_layer(int(chat["select_layer"]), settings["num_hidden_layers"], directory, "select_layer")
-    return RemoteSettings(settings, layer)
+    return RemoteSettings(settings, layer, None if llm is None else dict(llm))
 
 
 #: The native vision settings this package builds from (the keys of a preset).
@@ -283,9 +331,11 @@ def native_settings(config: dict, directory: Path) -> RemoteSettings:
 
     model_type = config.get("model_type")
     fields = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "architectures")}
+    language = None
     if model_type == "internvl":
         full = InternVLConfig(**fields)
         vision, text_hidden = full.vision_config, int(full.text_config.hidden_size)
+        language = full.text_config.to_dict()
         if full.downsample_ratio != 0.5 or full.projector_hidden_act != "gelu":
             raise WeightsError(
                 f"{directory}: downsample_ratio={full.downsample_ratio}, projector_hidden_act="
@@ -310,7 +360,7 @@ def native_settings(config: dict, directory: Path) -> RemoteSettings:
     settings["num_channels"] = int(vision.num_channels)
     settings["text_hidden_size"] = text_hidden
     layer = _projector_layer(select, settings["num_hidden_layers"], directory, "vision_feature_layer")
-    return RemoteSettings(settings, layer)
+    return RemoteSettings(settings, layer, language)
 
 
 @dataclass
@@ -356,6 +406,7 @@ def convert_checkpoint(
     expected: Mapping[str, torch.Size | tuple[int, ...]],
     rules: Sequence[KeyRule] = KEY_RULES,
     parts: Collection[str] | None = None,
+    select: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Rename (and split) a checkpoint's tensors into the native layout, strictly, reading only what is needed.
 
@@ -369,6 +420,8 @@ def convert_checkpoint(
             the checkpoint's config), with the prefixes ``vision_tower.``, ``projector.``, ``gate.``.
         rules: The key map (default :data:`KEY_RULES`, EarthMind's release).
         parts: Native parts to read (``{"vision_tower", "projector"}``...); ``None`` reads all.
+        select: Reads only the native keys for which it is true (e.g. the first k language layers); every key
+            is still checked by name and shape.
 
     Returns:
         ``{native key: tensor}`` for the native keys of ``parts``; the patch kernel is still the released one.
@@ -406,7 +459,11 @@ def convert_checkpoint(
             "dimension it leaves out takes the released code's default); fix config.json or pass the directory it "
             "was saved with."
         )
-    wanted = {k: v for k, v in plan.sources.items() if parts is None or k.partition(".")[0] in parts}
+    wanted = {
+        k: v
+        for k, v in plan.sources.items()
+        if (parts is None or k.partition(".")[0] in parts) and (select is None or select(k))
+    }
     tensors = checkpoint.load({source for source, _, _ in wanted.values()})
     out: dict[str, torch.Tensor] = {}
     for native, (source, index, chunks) in wanted.items():
@@ -422,5 +479,5 @@ def split_layout(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
     }
     for key, tensor in state.items():
         part, _, rest = key.partition(".")
-        parts[part][rest] = tensor
+        parts.setdefault(part, {})[rest] = tensor  # the language model's group exists when it was read
     return parts

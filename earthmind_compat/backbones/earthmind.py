@@ -10,6 +10,10 @@ and returns TerraTorch features:
 
 * one feature per layer in ``out_indices``: the tower's tokens of every modality, side by side on the
   channel axis, ``[B, N, n_modalities * hidden]`` (SAR channels first);
+* with ``language_layers=k``, the fused projected tokens, in the language model's order (all SAR tokens, then
+  all optical ones), run through the first k decoder layers of EarthMind's language model (Qwen2.5-3B with its
+  LoRA merged; :mod:`~earthmind_compat.backbones.language`); a chosen language layer's output is laid back out
+  per position like the projected feature below, ``[B, N / 4, n_modalities * 2048]``;
 * with ``with_projector=True``, a last feature with the fused projected tokens, ``[B, N / 4, 2 * 2048]``:
   per 2x2 patch block, the SAR token and the optical token side by side (gated with ``fusion="gate"``). The
   language model reads the same values as a sequence, all SAR tokens then all optical ones
@@ -23,14 +27,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector, InternVLVisionPatchEmbeddings
 
 from earthmind_compat.arguments import resolve_dtype
-from earthmind_compat.backbones.base import BackboneSpec, TokenBackbone, resolve_out_indices
+from earthmind_compat.backbones.base import BackboneSpec, TokenBackbone
 from earthmind_compat.backbones.fusion import (
     DEFAULT_FUSION,
     ConcatFusion,
@@ -44,13 +48,25 @@ from earthmind_compat.backbones.internvl import (
     INTERNVL_PRESETS,
     check_projector_grid,
     checkpoint_parts,
+    choose_layers,
+    language_depth,
+    language_keys,
+    load_language,
     projector_config,
     run_tower,
     vision_config_from_preset,
 )
+from earthmind_compat.backbones.language import (
+    QWEN2_LORA_TARGETS,
+    build_language_model,
+    check_language_attention,
+    check_language_layers,
+    run_language_layers,
+)
 from earthmind_compat.backbones.loader import (
     CHECKPOINT_LAYOUTS,
     GATE,
+    LANGUAGE,
     PROJECTOR,
     VISION_TOWER,
     LoadedCheckpoint,
@@ -95,11 +111,14 @@ class EarthMindOutput:
         projected: Per modality, the projected tokens ``[B, N / 4, text_hidden]`` before fusion (or ``None``).
         fusion: The fused tokens (and gates with ``fusion="gate"``) when two modalities meet at the projector
             (else ``None``).
+        language: The chosen language layers' outputs as the language model computes them, on the sequence
+            of :meth:`sequence` (``{language layer: [B, n_modalities * N / 4, text_hidden]}``).
     """
 
     layers: dict[str, list[torch.Tensor]]
     projected: dict[str, torch.Tensor] | None
     fusion: FusionOutput | None
+    language: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def sequence(self) -> torch.Tensor | None:
         """The image tokens as EarthMind's language model reads them (``None`` without the projector)."""
@@ -130,7 +149,13 @@ class EarthMindBackbone(TokenBackbone):
             ``{"S1GRD": ["VV", "VH"], "S2L2A": ["BLUE", "GREEN", "RED"]}``. ``forward`` then takes a dict with
             these keys, or a stacked tensor that is split by band name (or by position). One entry, or
             ``None`` (then ``in_chans`` / ``bands`` describe the single sensor), is the single-sensor path.
-        out_indices: Vision layers whose tokens are returned (default: four spread over the depth).
+        out_indices: Layers whose tokens are returned, over the stack of the vision tower's layers (0..V-1) followed
+            by the ``language_layers`` language layers (V..V+k-1); negative indices count from the end of that
+            stack (default: four spread over the stack's depth).
+        language_layers: Run the fused projected tokens (SAR then optical, as the release's inference hands
+            them to its language model) through the first k decoder layers of EarthMind's language model
+            (Qwen2.5-3B, LoRA merged, 36 layers), 0..its depth (default 0: the vision side only).
+        language_attention: ``"bidirectional"`` (default) or ``"causal"`` attention over the image tokens.
         keep_cls_token: Keep each modality's CLS token at index 0 of the layer features (default False, so
             every feature, projected ones included, is a plain token grid).
         with_projector: Also return the fused projected tokens as a last feature (the tokens EarthMind feeds
@@ -176,6 +201,8 @@ class EarthMindBackbone(TokenBackbone):
         bands: Sequence[object] | None = None,
         modalities: Mapping[str, object] | None = None,
         out_indices: Sequence[int] | None = None,
+        language_layers: int = 0,
+        language_attention: str = "bidirectional",
         keep_cls_token: bool = False,
         with_projector: bool = False,
         fusion: str = DEFAULT_FUSION,
@@ -190,17 +217,21 @@ class EarthMindBackbone(TokenBackbone):
         self.layout: ModalityLayout = resolve_modalities(modalities, in_chans, bands)
         self.in_chans, self.bands = self.layout.in_chans, self.layout.bands
         self.fusion_mode = resolve_fusion(fusion)
-        if self.fusion_mode == "gate" and not (with_projector and len(self.layout.modalities) == 2):
+        self.language_attention = check_language_attention(language_attention)
+        check_language_layers(language_layers)
+        projects = bool(with_projector or language_layers)
+        if self.fusion_mode == "gate" and not (projects and len(self.layout.modalities) == 2):
             raise ConfigurationError(
                 "fusion='gate' gates the projected tokens of two modalities against each other, so it needs "
-                "with_projector=True and two modalities (e.g. modalities={'S1GRD': ['VV', 'VH'], 'S2L2A': "
-                "['BLUE', 'GREEN', 'RED']}); use the default fusion='concat' otherwise."
+                "with_projector=True and two modalities (language_layers >= 1 also runs the projector; e.g. "
+                "modalities={'S1GRD': ['VV', 'VH'], 'S2L2A': ['BLUE', 'GREEN', 'RED']}); use the default "
+                "fusion='concat' otherwise."
             )
-        if with_projector and keep_cls_token:
+        if projects and keep_cls_token:
             raise ConfigurationError(
-                "with_projector=True adds projected tokens, which have no CLS token, so keep_cls_token=True would "
-                "give features that disagree about it (TerraTorch's ReshapeTokensToImage removes it from all or "
-                "none). Use keep_cls_token=False."
+                "with_projector=True and language_layers add tokens on the merged grid, which have no CLS token, so "
+                "keep_cls_token=True would give features that disagree about it (TerraTorch's ReshapeTokensToImage "
+                "removes it from all or none). Use keep_cls_token=False."
             )
         if release not in EARTHMIND_RELEASES:
             raise unknown_name("EarthMind release", release, EARTHMIND_RELEASES)
@@ -210,11 +241,17 @@ class EarthMindBackbone(TokenBackbone):
         self.projector_layer: int | None = None
         if weights is not None:
             parts = [VISION_TOWER]
-            if with_projector:
+            if projects:
                 parts += [PROJECTOR, GATE] if len(self.layout.modalities) > 1 else [PROJECTOR]
-            checkpoint = load_checkpoint(weights, settings, earthmind_checkpoint_parts, parts, allow_pickle)
+            parts += [LANGUAGE] if language_layers else []
+            select = language_keys(language_layers) if language_layers else None
+            checkpoint = load_checkpoint(
+                weights, settings, earthmind_checkpoint_parts, parts, allow_pickle, select=select
+            )
             settings = checkpoint.settings
             self.projector_layer = checkpoint.projector_layer
+        if language_layers:  # against the checkpoint's language model when one is loaded, else the preset's
+            check_language_layers(language_layers, language_depth(settings, type(self).__name__))
 
         self.text_hidden_size = settings["text_hidden_size"]
         main, *others = self.layout.modalities
@@ -228,21 +265,29 @@ class EarthMindBackbone(TokenBackbone):
         self.projector: InternVLMultiModalProjector | None = None
         # ``gate`` holds ``local_query`` in both fusion modes (a buffer with "concat"), one state-dict key for both
         self.gate: ConcatFusion | CrossModalGate | None = None
-        if with_projector:
+        if projects:
             self.projector = InternVLMultiModalProjector(projector_config(self.vision_config, self.text_hidden_size))
             if others:
                 self.gate = build_fusion(self.fusion_mode, self.text_hidden_size)
         self.with_projector = bool(with_projector)
+        self.language_layers = language_layers
+        self.language_model = build_language_model(settings["language"], language_layers) if language_layers else None
+        for layer in self.language_model.layers if self.language_model is not None else ():
+            layer.token_scale = len(self.layout.modalities) / 4  # tokens per image relative to the tower (planner)
 
         num_layers = self.vision_config.num_hidden_layers
         if self.projector_layer is None:
             self.projector_layer = num_layers - 1
-        self.out_indices = resolve_out_indices(out_indices, num_layers)
+        self.layers = choose_layers(out_indices, num_layers, language_layers)
+        self.out_indices = self.layers.out_indices
         self.keep_cls_token = bool(keep_cls_token)
         self.has_cls_token = self.keep_cls_token
         self.patch_size = int(self.vision_config.patch_size[0])
-        width = self.vision_config.hidden_size * len(self.layout.modalities)
-        self.out_channels = [width] * len(self.out_indices)
+        count = len(self.layout.modalities)
+        self.out_channels = [
+            (self.vision_config.hidden_size if i < num_layers else self.text_hidden_size) * count
+            for i in self.out_indices
+        ]
         if with_projector:
             self.out_channels.append(self.text_hidden_size * len(self.layout.modalities))
         if checkpoint is not None:
@@ -265,6 +310,24 @@ class EarthMindBackbone(TokenBackbone):
             load_strict(self.projector, checkpoint.parts[PROJECTOR], checkpoint.directory, "projector")
         if self.gate is not None:
             load_strict(self.gate, checkpoint.parts[GATE], checkpoint.directory, "cross-modal gate")
+        if self.language_model is not None:
+            load_language(self.language_model, checkpoint)
+
+    @property
+    def token_width(self) -> int:
+        """Width of the tokens the tower's blocks read (the language layers' width is ``text_hidden_size``)."""
+        return int(self.vision_config.hidden_size)
+
+    @property
+    def extra_lora_targets(self) -> tuple[str, ...]:
+        """LoRA targets of the language layers (:data:`~earthmind_compat.backbones.language.QWEN2_LORA_TARGETS`)."""
+        return () if self.language_model is None else QWEN2_LORA_TARGETS
+
+    @property
+    def block_lists(self) -> tuple[torch.nn.ModuleList, ...]:
+        """The backbone's repeated blocks: the vision tower's layers, then the language layers it runs."""
+        lists = (self.model.encoder.layer,)
+        return lists if self.language_model is None else (*lists, self.language_model.layers)
 
     @staticmethod
     def _kernel_for(released: torch.Tensor, modality) -> torch.Tensor:
@@ -328,12 +391,22 @@ class EarthMindBackbone(TokenBackbone):
             projected = per_modality(tokens)
             if self.gate is not None:
                 fusion = self.gate(projected[names[0]], projected[names[1]])
-        return EarthMindOutput(layers=layers, projected=projected, fusion=fusion)
+        output = EarthMindOutput(layers=layers, projected=projected, fusion=fusion)
+        if self.language_model is not None:
+            output.language = run_language_layers(
+                self.language_model, output.sequence(), self.layers.language, self.language_attention
+            )
+        return output
 
     def features(self, output: EarthMindOutput) -> list[torch.Tensor]:
         """Flatten an :class:`EarthMindOutput` into the TerraTorch feature list (see the module docstring)."""
         names = self.layout.names
-        features = [torch.cat([output.layers[n][i] for n in names], dim=-1) for i in range(len(self.out_indices))]
+        vision = [torch.cat([output.layers[n][i] for n in names], dim=-1) for i in range(len(self.layers.vision))]
+        # the language model's sequence (per modality, one block of tokens) laid back out per position
+        language = {i: torch.cat(seq.chunk(len(names), dim=1), dim=-1) for i, seq in output.language.items()}
+        features = self.layers.gather(vision, language)
+        if not self.with_projector:
+            return features
         if output.fusion is not None:
             features.append(output.fusion.grid())
         elif output.projected is not None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -11,8 +12,19 @@ from transformers.models.internvl.modeling_internvl import InternVLMultiModalPro
 
 from earthmind_compat.arguments import resolve_dtype
 from earthmind_compat.backbones.base import BackboneSpec, TokenBackbone, resolve_out_indices
+from earthmind_compat.backbones.language import (
+    QWEN2_LORA_TARGETS,
+    QWEN25_3B,
+    TINY_QWEN2,
+    build_language_model,
+    check_language_attention,
+    check_language_layers,
+    language_config,
+    run_language_layers,
+)
 from earthmind_compat.backbones.loader import (
     CHECKPOINT_LAYOUTS,
+    LANGUAGE,
     PROJECTOR,
     VISION_TOWER,
     LoadedCheckpoint,
@@ -21,12 +33,13 @@ from earthmind_compat.backbones.loader import (
 )
 from earthmind_compat.bands import adapt_patch_weight, resolve_bands
 from earthmind_compat.compat import first_tensor
-from earthmind_compat.errors import InputError
+from earthmind_compat.errors import ConfigurationError, InputError
 
 #: Vision-tower presets. ``full`` is InternViT-300M-448px-V2.5 as used by InternVL2.5-1B/2B/4B/8B;
 #: ``internvit_6b`` is InternViT-6B-448px-V2.5 of InternVL2.5-26B/38B/78B. ``text_hidden_size`` is the
 #: width of the language model the projector feeds (Qwen2.5-3B for InternVL2.5-4B; for the 6B tower the
-#: projector is sized for InternVL2.5-38B's Qwen2.5-32B — load a checkpoint to get another width).
+#: projector is sized for InternVL2.5-38B's Qwen2.5-32B — load a checkpoint to get another width). ``language``
+#: is that language model's config (:mod:`~earthmind_compat.backbones.language`; ``None``: no preset for it).
 _INTERNVIT_300M = {
     "patch_size": 14,
     "attention_bias": True,
@@ -44,6 +57,7 @@ INTERNVL_PRESETS: dict[str, dict] = {
         "image_size": 56,
         **_INTERNVIT_300M,
         "text_hidden_size": 64,
+        "language": TINY_QWEN2,
     },
     "full": {
         "hidden_size": 1024,
@@ -53,6 +67,7 @@ INTERNVL_PRESETS: dict[str, dict] = {
         "image_size": 448,
         **_INTERNVIT_300M,
         "text_hidden_size": 2048,
+        "language": QWEN25_3B,
     },
     "internvit_6b": {
         "hidden_size": 3200,
@@ -67,6 +82,7 @@ INTERNVL_PRESETS: dict[str, dict] = {
         "layer_scale_init_value": 0.1,
         "use_mean_pooling": True,
         "text_hidden_size": 5120,
+        "language": None,
     },
 }
 
@@ -111,7 +127,7 @@ def pixel_shuffle(features: torch.Tensor, scale_factor: float = DOWNSAMPLE_RATIO
 
 def vision_config_from_preset(preset: dict, in_chans: int, image_size: int | None) -> InternVLVisionConfig:
     """Build the native :class:`InternVLVisionConfig` of a preset for ``in_chans`` input bands."""
-    settings = {k: v for k, v in preset.items() if k not in ("text_hidden_size", "num_channels")}
+    settings = {k: v for k, v in preset.items() if k not in ("text_hidden_size", "num_channels", "language")}
     if image_size is not None:
         settings["image_size"] = image_size
     return InternVLVisionConfig(num_channels=in_chans, **settings)
@@ -144,7 +160,87 @@ def checkpoint_parts(settings: dict, parts: Collection[str]) -> dict[str, nn.Mod
     out: dict[str, nn.Module] = {VISION_TOWER: InternVLVisionModel(vision)}
     if PROJECTOR in parts:
         out[PROJECTOR] = InternVLMultiModalProjector(projector_config(vision, settings["text_hidden_size"]))
+    if LANGUAGE in parts:  # every layer the checkpoint holds, so that each is checked (only the first k are read)
+        language = settings["language"]
+        out[LANGUAGE] = build_language_model(language, int(language_config(language).num_hidden_layers))
     return out
+
+
+def language_depth(settings: dict, owner: str) -> int:
+    """Decoder layers of the language model ``settings`` describe.
+
+    Raises:
+        ConfigurationError: when the preset has no language model and no checkpoint gave one.
+    """
+    language = settings.get("language")
+    if language is None:
+        raise ConfigurationError(
+            f"{owner}: this preset has no language model configuration; load a checkpoint that holds one "
+            "(weights=...) or use preset 'full' / 'tiny' for language_layers."
+        )
+    return int(language_config(language).num_hidden_layers)
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """Which layers a backbone returns, over its whole stack: vision layers 0..V-1, then language layers V..V+k-1.
+
+    Attributes:
+        out_indices: The chosen layers in the returned order (non-negative, over the whole stack).
+        vision_layers: V, the vision tower's depth.
+        language_layers: k, the language layers run.
+    """
+
+    out_indices: list[int]
+    vision_layers: int
+    language_layers: int
+
+    @property
+    def vision(self) -> list[int]:
+        """Chosen vision layers, in order."""
+        return [i for i in self.out_indices if i < self.vision_layers]
+
+    @property
+    def language(self) -> list[int]:
+        """Chosen language layers (0-based within the language model), in order."""
+        return [i - self.vision_layers for i in self.out_indices if i >= self.vision_layers]
+
+    def gather(self, vision: Sequence[torch.Tensor], language: Mapping[int, torch.Tensor]) -> list[torch.Tensor]:
+        """The features in ``out_indices`` order.
+
+        Args:
+            vision: The chosen vision layers' features, in :attr:`vision` order.
+            language: ``{language layer: feature}`` of the chosen language layers.
+        """
+        by_vision = dict(zip(self.vision, vision, strict=True))
+        return [by_vision[i] if i < self.vision_layers else language[i - self.vision_layers] for i in self.out_indices]
+
+
+def choose_layers(out_indices: Sequence[int] | None, vision_layers: int, language_layers: int) -> LayerChoice:
+    """Resolve ``out_indices`` over the stack of vision then language layers (negative indices from its end).
+
+    Raises:
+        ConfigurationError: for an index outside the stack, a repeat or a non-integer.
+    """
+    indices = resolve_out_indices(out_indices, vision_layers + language_layers)
+    return LayerChoice(indices, vision_layers, language_layers)
+
+
+def language_keys(language_layers: int) -> Callable[[str], bool]:
+    """The loader's key filter reading only the first ``language_layers`` decoder layers of the language model."""
+    prefix = LANGUAGE + ".layers."
+
+    def wanted(key: str) -> bool:
+        if not key.startswith(prefix):
+            return True
+        return int(key[len(prefix) :].split(".", 1)[0]) < language_layers
+
+    return wanted
+
+
+def load_language(module: nn.Module, checkpoint: LoadedCheckpoint) -> None:
+    """Load the first k decoder layers (k = the layers ``module`` holds) from ``checkpoint`` strictly."""
+    load_strict(module, checkpoint.parts[LANGUAGE], checkpoint.directory, "language model")
 
 
 def check_projector_grid(rows: int, cols: int, height: int, width: int, patch_size: int) -> None:
@@ -162,8 +258,8 @@ def run_tower(
     """Run the InternViT layers of ``backbone`` on embedded tokens, up to the last layer anything needs.
 
     Shared by the backbones built on InternViT; reads their ``model`` (the ``InternVLVisionModel``),
-    ``out_indices``, ``keep_cls_token``, ``projector`` (or ``None``) and ``projector_layer`` (the layer whose
-    output the projector reads).
+    ``layers`` (their :class:`LayerChoice`), ``keep_cls_token``, ``projector`` (or ``None``) and
+    ``projector_layer`` (the layer whose output the projector reads).
 
     Args:
         backbone: The backbone.
@@ -171,19 +267,20 @@ def run_tower(
         grid: The token grid ``(rows, cols)``.
 
     Returns:
-        The tokens of each layer in ``out_indices``, in that order (``[B, 1 + N, C]``, or ``[B, N, C]`` without
+        The tokens of each chosen vision layer, in that order (``[B, 1 + N, C]``, or ``[B, N, C]`` without
         CLS), and the projected tokens ``[B, N / 4, text_hidden]`` (pixel shuffle 0.5, then the projector) or
         ``None`` without projector.
     """
     projector = backbone.projector
-    wanted = set(backbone.out_indices) | ({backbone.projector_layer} if projector is not None else set())
+    chosen = backbone.layers.vision
+    wanted = set(chosen) | ({backbone.projector_layer} if projector is not None else set())
     collected: dict[int, torch.Tensor] = {}
     for index, layer in enumerate(backbone.model.encoder.layer[: max(wanted) + 1]):
         hidden = first_tensor(layer(hidden))
         if index in wanted:
             collected[index] = hidden
     start = 0 if backbone.keep_cls_token else 1
-    layers = [collected[i][:, start:] for i in backbone.out_indices]
+    layers = [collected[i][:, start:] for i in chosen]
     if projector is None:
         return layers, None
     tokens = collected[backbone.projector_layer]
@@ -205,7 +302,15 @@ class InternVLBackbone(TokenBackbone):
             (:data:`INTERNVL_HUB_IDS`: ``OpenGVLab/InternVL2_5-4B``, or ``OpenGVLab/InternViT-6B-448px-V2_5``).
         in_chans: Number of input bands (default 3, or ``len(bands)``).
         bands: Band names; RED/GREEN/BLUE reuse their pretrained kernels, others the RGB mean.
-        out_indices: Transformer layers whose outputs are returned (default: four spread over the depth).
+        out_indices: Layers whose outputs are returned, over the stack of the vision tower's layers (0..V-1)
+            followed by the ``language_layers`` language layers (V..V+k-1); negative indices count from the end
+            of that stack, so ``[-1]`` is the last language layer (default: four spread over the stack's depth).
+        language_layers: Run the projected tokens through the first k decoder layers of the language model
+            (InternVL2.5-4B: Qwen2.5-3B-Instruct, 36 layers; see :mod:`~earthmind_compat.backbones.language`),
+            0..its depth (default 0: the vision tower only). Their features are ``[B, N / 4, 2048]`` tokens on the
+            merged grid, without CLS token.
+        language_attention: ``"bidirectional"`` (default; every image token sees every other) or ``"causal"``
+            (as the language model reads them in a prompt).
         keep_cls_token: Keep the CLS token at index 0 of every returned tensor (default True, the
             TerraTorch ViT convention; pair with ``ReshapeTokensToImage(remove_cls_token=True)``).
         with_projector: Also return the projected tokens (pixel shuffle 0.5 then the MLP to the language
@@ -239,6 +344,8 @@ class InternVLBackbone(TokenBackbone):
         in_chans: int | None = None,
         bands: Sequence[object] | None = None,
         out_indices: Sequence[int] | None = None,
+        language_layers: int = 0,
+        language_attention: str = "bidirectional",
         keep_cls_token: bool = True,
         with_projector: bool = False,
         image_size: int | None = None,
@@ -250,29 +357,42 @@ class InternVLBackbone(TokenBackbone):
         settings = self.preset_settings()
         compute_dtype = resolve_dtype(dtype)
         self.in_chans, self.bands = resolve_bands(in_chans, bands)
+        self.language_attention = check_language_attention(language_attention)
+        check_language_layers(language_layers)
         weights = self.weights_source(weights, pretrained)
         checkpoint: LoadedCheckpoint | None = None
         if weights is not None:
-            parts = (VISION_TOWER, PROJECTOR) if with_projector else (VISION_TOWER,)
-            checkpoint = load_checkpoint(weights, settings, checkpoint_parts, parts, allow_pickle)
+            parts = (VISION_TOWER, PROJECTOR) if with_projector or language_layers else (VISION_TOWER,)
+            parts += (LANGUAGE,) if language_layers else ()
+            select = language_keys(language_layers) if language_layers else None
+            checkpoint = load_checkpoint(weights, settings, checkpoint_parts, parts, allow_pickle, select=select)
             settings = checkpoint.settings
+        if language_layers:  # against the checkpoint's language model when one is loaded, else the preset's
+            check_language_layers(language_layers, language_depth(settings, type(self).__name__))
         self.text_hidden_size = settings["text_hidden_size"]
         self.vision_config = vision_config_from_preset(settings, self.in_chans, image_size)
         self.model = InternVLVisionModel(self.vision_config)
         self.projector: nn.Module | None = None
-        if with_projector:
+        if with_projector or language_layers:
             self.projector = InternVLMultiModalProjector(projector_config(self.vision_config, self.text_hidden_size))
+        self.language_layers = language_layers
+        self.language_model = build_language_model(settings["language"], language_layers) if language_layers else None
+        for layer in self.language_model.layers if self.language_model is not None else ():
+            layer.token_scale = 1 / 4  # tokens it reads per image, relative to the tower's (the memory planner)
         if checkpoint is not None:
             self._load_checkpoint(checkpoint)
 
         num_layers = self.vision_config.num_hidden_layers
-        self.out_indices = resolve_out_indices(out_indices, num_layers)
+        self.layers = choose_layers(out_indices, num_layers, language_layers)
+        self.out_indices = self.layers.out_indices
         self.projector_layer = checkpoint.projector_layer if checkpoint is not None else num_layers - 1
         self.keep_cls_token = bool(keep_cls_token)
         self.has_cls_token = self.keep_cls_token
         self.patch_size = int(self.vision_config.patch_size[0])
-        self.out_channels = [self.vision_config.hidden_size] * len(self.out_indices)
-        if self.projector is not None:
+        self.out_channels = [
+            self.vision_config.hidden_size if i < num_layers else self.text_hidden_size for i in self.out_indices
+        ]
+        if with_projector:
             self.out_channels.append(self.text_hidden_size)
         self.with_projector = with_projector
         self.to(compute_dtype)
@@ -291,6 +411,24 @@ class InternVLBackbone(TokenBackbone):
         load_strict(self.model, tower, checkpoint.directory, "vision tower")
         if self.projector is not None:
             load_strict(self.projector, checkpoint.parts[PROJECTOR], checkpoint.directory, "projector")
+        if self.language_model is not None:
+            load_language(self.language_model, checkpoint)
+
+    @property
+    def token_width(self) -> int:
+        """Width of the tokens the tower's blocks read (the language layers' width is ``text_hidden_size``)."""
+        return int(self.vision_config.hidden_size)
+
+    @property
+    def extra_lora_targets(self) -> tuple[str, ...]:
+        """LoRA targets of the language layers (:data:`~earthmind_compat.backbones.language.QWEN2_LORA_TARGETS`)."""
+        return () if self.language_model is None else QWEN2_LORA_TARGETS
+
+    @property
+    def block_lists(self) -> tuple[nn.ModuleList, ...]:
+        """The backbone's repeated blocks: the vision tower's layers, then the language layers it runs."""
+        lists = (self.model.encoder.layer,)
+        return lists if self.language_model is None else (*lists, self.language_model.layers)
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, **kwargs: object) -> list[torch.Tensor]:
@@ -301,7 +439,8 @@ class InternVLBackbone(TokenBackbone):
             **kwargs: Other batch keys TerraTorch passes (ignored).
 
         Returns:
-            A list of ``[B, 1 + N, C]`` tensors (``[B, N, C]`` without CLS), N = (H / 14) * (W / 14); with the
+            Per layer in ``out_indices``: a vision layer's ``[B, 1 + N, C]`` tokens (``[B, N, C]`` without CLS),
+            N = (H / 14) * (W / 14), or a language layer's ``[B, N / 4, text_hidden_size]`` tokens; with the
             projector, a last ``[B, N / 4, text_hidden_size]`` tensor.
         """
         self.check_input(x)
@@ -310,7 +449,12 @@ class InternVLBackbone(TokenBackbone):
             check_projector_grid(rows, cols, x.shape[-2], x.shape[-1], self.patch_size)
         embeddings = self.model.embeddings
         hidden = first_tensor(embeddings(x.to(embeddings.patch_embeddings.projection.weight.dtype)))  # 4.x: no cast
-        features, projected = run_tower(self, hidden, (rows, cols))
-        if projected is not None:
+        vision, projected = run_tower(self, hidden, (rows, cols))
+        language = {}
+        if self.language_model is not None:
+            chosen = self.layers.language
+            language = run_language_layers(self.language_model, projected, chosen, self.language_attention)
+        features = self.layers.gather(vision, language)
+        if self.with_projector:
             features.append(projected)
         return [feature.to(x.dtype) for feature in features]

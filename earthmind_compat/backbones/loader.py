@@ -35,18 +35,20 @@ from earthmind_compat.backbones.convert import (
     native_settings,
     remote_settings,
     split_layout,
+    with_language_rules,
 )
 from earthmind_compat.errors import WeightsError
 from earthmind_compat.weights import CheckpointFiles, read_config, refuse_remote_code, resolve_weights_dir
 
 #: The parts of an InternVL-family checkpoint that backbones load.
-VISION_TOWER, PROJECTOR, GATE = "vision_tower", "projector", "gate"
+VISION_TOWER, PROJECTOR, GATE, LANGUAGE = "vision_tower", "projector", "gate", "language_model"
 
 #: How messages name each part.
 PART_NAMES = {
     VISION_TOWER: "vision tower",
     PROJECTOR: "projector (mlp1)",
     GATE: "cross-modal gate (EarthMind's local_query)",
+    LANGUAGE: "language model",
 }
 
 
@@ -56,11 +58,13 @@ class Layout:
 
     Attributes:
         checkpoint_layout: ``model_type`` values and description (what a backbone spec lists).
-        parts: The parts its tensors fill.
+        parts: The parts its tensors fill (always checked when it is read).
         rules: Its key map.
         settings: Its config translation (:func:`~earthmind_compat.backbones.convert.native_settings` or
             :func:`~earthmind_compat.backbones.convert.remote_settings`).
         remote: Whether it is a remote-code layout (``auto_map`` is then read past, never run).
+        language: Whether it also holds the language model (read, and checked, only when a backbone asks for
+            its layers: the key map otherwise skips it).
     """
 
     checkpoint_layout: CheckpointLayout
@@ -68,6 +72,11 @@ class Layout:
     rules: tuple[KeyRule, ...]
     settings: Callable[[dict, Path], RemoteSettings]
     remote: bool = False
+    language: bool = False
+
+    def holds(self, part: str) -> bool:
+        """Whether the layout holds ``part``."""
+        return part in self.parts or (part == LANGUAGE and self.language)
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -76,7 +85,9 @@ class Layout:
 
 
 def _layout(model_type: str, description: str, parts: tuple[str, ...], rules, settings, remote=False) -> Layout:
-    return Layout(CheckpointLayout((model_type,), {}, description), parts, rules, settings, remote)
+    language = LANGUAGE in parts
+    parts = tuple(part for part in parts if part != LANGUAGE)
+    return Layout(CheckpointLayout((model_type,), {}, description), parts, rules, settings, remote, language)
 
 
 #: Every InternVL-family layout, by ``model_type``.
@@ -86,7 +97,7 @@ LAYOUTS: dict[str, Layout] = {
         _layout(
             "internvl",
             "native transformers InternVLForConditionalGeneration / InternVLModel (the -hf repositories)",
-            (VISION_TOWER, PROJECTOR),
+            (VISION_TOWER, PROJECTOR, LANGUAGE),
             NATIVE_MODEL_RULES,
             native_settings,
         ),
@@ -109,7 +120,7 @@ LAYOUTS: dict[str, Layout] = {
         _layout(
             "internvl_chat",
             "InternVL's release in its remote-code layout (e.g. OpenGVLab/InternVL2_5-4B), read as data",
-            (VISION_TOWER, PROJECTOR),
+            (VISION_TOWER, PROJECTOR, LANGUAGE),
             INTERNVL_CHAT_RULES,
             remote_settings,
             remote=True,
@@ -117,7 +128,7 @@ LAYOUTS: dict[str, Layout] = {
         _layout(
             "sa2va_chat",
             "EarthMind's release in its remote-code layout (Sa2VA, e.g. sy1998/EarthMind-4B), read as data",
-            (VISION_TOWER, PROJECTOR, GATE),
+            (VISION_TOWER, PROJECTOR, GATE, LANGUAGE),
             KEY_RULES,
             remote_settings,
             remote=True,
@@ -184,6 +195,7 @@ def load_checkpoint(
     parts: Collection[str],
     allow_pickle: bool = False,
     accepted: Collection[str] | None = None,
+    select: Callable[[str], bool] | None = None,
 ) -> LoadedCheckpoint:
     """Read an InternVL-family checkpoint in one pass (see the module docstring).
 
@@ -191,9 +203,13 @@ def load_checkpoint(
         weights: A local directory or a hub id.
         defaults: The backbone's preset settings; the checkpoint's config overrides what it states.
         build: Builds the parts from settings (called once, on the meta device).
-        parts: The parts the backbone loads (``vision_tower``, ``projector``, ``gate``).
+        parts: The parts the backbone loads (``vision_tower``, ``projector``, ``gate``, ``language_model``).
+            The language model's tensors are checked (names and shapes, every layer) only when it is asked for;
+            otherwise the key map skips them.
         allow_pickle: Read pickle checkpoints with ``weights_only=True`` when no safetensors exist.
         accepted: ``model_type`` values the backbone reads (default: every layout).
+        select: Reads only the native keys for which it is true (e.g. the first k language layers,
+            ``language_model.layers.N.*`` with N < k); the others are checked but never read.
 
     Returns:
         The layout, the settings and the tensors of ``parts``.
@@ -206,7 +222,7 @@ def load_checkpoint(
     directory = resolve_weights_dir(weights)
     config = read_config(directory)
     layout = detect_layout(config, directory, accepted)
-    absent = [part for part in parts if part not in layout.parts]
+    absent = [part for part in parts if not layout.holds(part)]
     if absent:
         lacking, holding = (
             " or ".join(PART_NAMES[p] for p in absent),
@@ -214,14 +230,19 @@ def load_checkpoint(
         )
         raise WeightsError(
             f"{directory} ({layout.checkpoint_layout.description}) holds no {lacking}: it has the {holding}. Build "
-            "the backbone without what it lacks (with_projector=False; for EarthMind one modality), or load a "
-            "checkpoint that holds it."
+            "the backbone without what it lacks (with_projector=False, language_layers=0; for EarthMind one "
+            "modality), or load a checkpoint that holds it."
         )
     translated = layout.settings(config, directory)
     settings = {**defaults, **{k: v for k, v in translated.vision.items() if v is not None}}
+    if translated.language is not None:
+        settings["language"] = translated.language
     files = CheckpointFiles(directory, allow_pickle=allow_pickle, config=config)
-    expected = expected_shapes(build, settings, layout.parts)
-    state = convert_checkpoint(files, expected, layout.rules, parts=set(parts))
+    reads_language = LANGUAGE in parts
+    rules = with_language_rules(layout.rules) if reads_language else layout.rules
+    planned = [*layout.parts, LANGUAGE] if reads_language else list(layout.parts)
+    expected = expected_shapes(build, settings, planned)
+    state = convert_checkpoint(files, expected, rules, parts=set(parts), select=select)
     grouped = split_layout(state)
     return LoadedCheckpoint(
         directory, layout, settings, translated.projector_layer, {part: grouped[part] for part in parts}

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default="adamw", help="adamw, adam, sgd or sgd_momentum (default: adamw)")
     parser.add_argument("--in-chans", type=int, default=3, help="input bands (default: 3)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
+    parser.add_argument(
+        "--language-layers", type=int, default=0, help="internvl2_5_4b / earthmind_v1: language layers run (default 0)"
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         in_chans=args.in_chans,
         lora_r=args.lora_r,
+        **({"language_layers": args.language_layers} if args.language_layers else {}),
     )
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))

@@ -14,11 +14,17 @@ from earthmind_compat.errors import ConfigurationError
 
 
 def find_blocks(backbone: nn.Module) -> nn.ModuleList:
-    """The backbone's repeated blocks: the ``nn.ModuleList`` holding the most parameters.
+    """The backbone's repeated blocks, in one ``nn.ModuleList``.
+
+    Those of its ``block_lists`` in order when it declares them (e.g. a vision tower's layers, then the language
+    layers run after it), or else the ``nn.ModuleList`` holding the most parameters.
 
     Raises:
         ConfigurationError: if the backbone holds no ``nn.ModuleList`` with parameters.
     """
+    declared = getattr(backbone, "block_lists", None)
+    if declared:
+        return nn.ModuleList([block for blocks in declared for block in blocks])
     best, best_size = None, 0
     for module in backbone.modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
@@ -82,6 +88,8 @@ def linear_paths(module: nn.Module, names: tuple[str, ...] | list[str]) -> list[
 def lora_targets(backbone: nn.Module) -> tuple[str, ...]:
     """LoRA target module names for ``backbone``: its spec's pinned list, or the derived one where none is pinned.
 
+    A pinned list is extended by the ``extra_lora_targets`` of blocks the backbone's settings add (language layers).
+
     Raises:
         ConfigurationError: if the module is not an earthmind-compat backbone.
     """
@@ -91,7 +99,12 @@ def lora_targets(backbone: nn.Module) -> tuple[str, ...]:
             "optimize techniques apply to earthmind-compat backbones (build one with earthmind_compat.build_backbone "
             "or BACKBONE_REGISTRY.build), or pass the target modules yourself."
         )
-    return backbone.spec.lora_targets or derived_lora_targets(backbone)
+    pinned = backbone.spec.lora_targets
+    if pinned is None:
+        return derived_lora_targets(backbone)
+    # blocks a backbone adds by its settings (e.g. language layers) pin their own targets
+    extra = tuple(name for name in getattr(backbone, "extra_lora_targets", ()) if name not in pinned)
+    return tuple(pinned) + extra
 
 
 def block_classes(backbone: nn.Module) -> set[type]:

@@ -134,14 +134,14 @@ def count_weights(backbone: nn.Module, techniques: Techniques, lora_r: int = 8) 
     return {"weights": weights, "parameters": params + lora, "trainable": params - frozen + lora}
 
 
-def build_on_meta(backbone_name: str, preset: str, in_chans: int = 3) -> nn.Module:
-    """Build a backbone by name on the meta device (no memory, any size).
+def build_on_meta(backbone_name: str, preset: str, in_chans: int = 3, **backbone_kwargs: object) -> nn.Module:
+    """Build a backbone by name on the meta device (no memory, any size), with more constructor arguments if given.
 
     Raises:
         UnknownNameError: for a name that is not one of ours, or an unknown preset.
     """
     with torch.device("meta"):
-        return backbone_class(backbone_name)(preset=preset, in_chans=in_chans)
+        return backbone_class(backbone_name)(preset=preset, in_chans=in_chans, **backbone_kwargs)
 
 
 def _block_kind(block: nn.Module) -> tuple:
@@ -244,25 +244,28 @@ def estimate_activations(
     """Estimated peak activation bytes of one training step of ``backbone`` (fp32), see the module docstring."""
     targets = tuple(lora_targets(backbone)) if techniques.lora else ()
     blocks = find_blocks(backbone)
-    hidden = int(getattr(backbone, "out_channels", [0])[0])
+    # the width of the stem's tokens: a backbone whose first feature may be another width says it (token_width)
+    hidden = int(getattr(backbone, "token_width", 0) or getattr(backbone, "out_channels", [0])[0])
     chunk = int(getattr(getattr(backbone, "config", None), "mamba_chunk_size", 0) or 0)
     if chunk:
         tokens = chunk  # whole Mamba chunks
     rows, cols = backbone.grid_size(image_size, image_size)
     n = rows * cols + int(getattr(backbone, "has_cls_token", False))
     growth: dict[tuple, tuple[float, float]] = {}
-    per_block = []
+    per_block, kept = [], 0
     for block in blocks:
-        kind = _block_kind(block)
+        # blocks of another width reading fewer tokens (language layers after the projector) say so themselves
+        width, m = int(getattr(block, "hidden_size", hidden)), n * float(getattr(block, "token_scale", 1.0))
+        kind = (_block_kind(block), width)
         if kind not in growth:
-            growth[kind] = block_saved_bytes_growth(block, hidden, techniques, tokens, targets)
+            growth[kind] = block_saved_bytes_growth(block, width, techniques, tokens, targets)
         linear, quadratic = growth[kind]
-        per_block.append(batch_size * (linear * n + quadratic * n * n))
+        per_block.append(batch_size * (linear * m + quadratic * m * m))
+        kept += 4 * batch_size * m * width
     tokens_total = batch_size * n
     largest = max(per_block)
     stem = 2 * 4 * tokens_total * hidden  # embeddings (the input batch itself is not counted)
     if techniques.checkpointing:
-        kept = len(blocks) * 4 * tokens_total * hidden
         return int(stem + kept + 2 * largest)
     return int(stem + sum(per_block) + largest)
 
@@ -277,6 +280,7 @@ def plan_memory(
     optimizer: str = "adamw",
     in_chans: int = 3,
     lora_r: int = 8,
+    **backbone_kwargs: object,
 ) -> MemoryPlan:
     """Plan the training memory of a backbone configuration.
 
@@ -290,6 +294,7 @@ def plan_memory(
         optimizer: ``adamw``, ``adam``, ``sgd`` or ``sgd_momentum``.
         in_chans: Input bands.
         lora_r: LoRA rank.
+        **backbone_kwargs: More constructor arguments of the backbone (e.g. ``language_layers=4``).
 
     Returns:
         A :class:`MemoryPlan` (activations in float32, as on CPU; bfloat16 autocast roughly halves them).
@@ -304,7 +309,7 @@ def plan_memory(
     if batch_size < 1 or image_size < 1:
         raise ConfigurationError(f"batch size and image size must be positive, got {batch_size} and {image_size}.")
     device_memory = parse_size(gpu_memory)
-    model = build_on_meta(backbone, preset, in_chans)
+    model = build_on_meta(backbone, preset, in_chans, **backbone_kwargs)
     counts = count_weights(model, techniques, lora_r)
     unoptimized = count_weights(model, parse_technique("none"))["weights"]
     gradients = 4 * counts["trainable"]

@@ -69,6 +69,9 @@ _SO_IN = {"sar": (2, 56, 28), "optical": (4, 56, 28)}
 _SO_FUSED = {"modalities": _SO_BANDS, "with_projector": True}  # with "fusion": EarthMind's two modes
 _FOUR_BANDS = ["RED", "GREEN", "BLUE", "SWIR_1"]
 _TILE = (3, 64, 32)  # Granite: 4 x 2 patches of 16 px
+#: The language model's single layer in the golden checkpoints after the projector (``language_layers``).
+_LANGUAGE = {"language_layers": 1, "with_projector": True, "out_indices": [0, -1]}
+_CAUSAL = {**_LANGUAGE, "language_attention": "causal"}
 
 #: Every golden case. Inputs are not the checkpoints' ``image_size`` (42 px for the InternViT towers) and not
 #: square, so position-embedding interpolation is part of what is pinned.
@@ -80,6 +83,8 @@ CASES: tuple[GoldenCase, ...] = (
     GoldenCase("earthmind_v1-sar_optical", "earthmind_v1", "earthmind_release", {"modalities": _SO_BANDS}, _SO_IN),
     GoldenCase("earthmind_v1-concat", "earthmind_v1", "earthmind_release", {**_SO_FUSED, "fusion": "concat"}, _SO_IN),
     GoldenCase("earthmind_v1-gate", "earthmind_v1", "earthmind_release", {**_SO_FUSED, "fusion": "gate"}, _SO_IN),
+    GoldenCase("internvl2_5_4b-language", "internvl2_5_4b", "internvl_native", _LANGUAGE),
+    GoldenCase("earthmind_v1-language", "earthmind_v1", "earthmind_release", {**_SO_FUSED, **_CAUSAL}, _SO_IN),
     GoldenCase("granite_4_tiny", "granite_4_tiny", "granite_native", {"in_chans": 3}, _TILE),
     GoldenCase("granite_4_tiny-bidi", "granite_4_tiny", "granite_native", {"bidirectional_mamba": True}, _TILE),
 )  # fmt: skip
