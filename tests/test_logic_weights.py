@@ -105,8 +105,12 @@ def test_a_file_is_refused_naming_the_directory_to_pass(tmp_path):
 
 @pytest.mark.parametrize("text", ["no/such/dir", "./missing", "missing"])
 def test_a_missing_path_that_is_no_hub_id_is_refused(text):
-    with pytest.raises(WeightsError, match=r"No weights directory at .*a hub id of the form 'owner/name'"):
+    with pytest.raises(WeightsError) as error:
         weights.resolve_weights_dir(text)
+    assert str(error.value) == (
+        f"No weights directory at {text!r}. Pass an existing directory written by save_pretrained, "
+        "or a hub id of the form 'owner/name'."
+    )
 
 
 def hub_cache(monkeypatch, directory: Path) -> None:
@@ -151,8 +155,12 @@ def test_a_hub_id_that_cannot_be_fetched_online_names_the_hub(monkeypatch, tmp_p
     hub_cache(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
-    with pytest.raises(WeightsError, match=r"the hub could not be reached or the repository does not exist"):
+    with pytest.raises(WeightsError) as error:
         weights.resolve_weights_dir("someone/nothing-here")
+    assert str(error.value).startswith(
+        "Could not get weights 'someone/nothing-here': the hub could not be reached or the repository does not "
+        "exist. Download them"
+    )
 
 
 # -- config.json -----------------------------------------------------------------------------------------------
@@ -311,6 +319,15 @@ def test_a_pickle_holding_other_objects_is_refused_with_the_first_line_of_the_ca
         f"{tmp_path / 'a.bin'} could not be read with torch.load(weights_only=True) (UnpicklingError: {lines[0]}). "
         "It holds objects other than tensors, which earthmind-compat will not unpickle; convert it to "
         "safetensors on a machine you trust."
+    )
+
+
+def test_an_empty_pickle_is_refused_naming_the_cause_without_text(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"")  # torch.load raises EOFError with no message
+    with pytest.raises(UnsafeCheckpointError) as error:
+        weights.CheckpointFiles(tmp_path, allow_pickle=True)
+    assert str(error.value).startswith(
+        f"{tmp_path / 'a.bin'} could not be read with torch.load(weights_only=True) (EOFError: ). "
     )
 
 
