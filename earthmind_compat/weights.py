@@ -157,10 +157,8 @@ def open_safetensors(path: Path) -> Iterator[object]:
         ) from None
 
 
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        with open_safetensors(path) as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118  (not a dict)
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pickle checkpoint, read with ``torch.load(weights_only=True)`` (a Lightning one unwrapped)."""
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
@@ -210,7 +208,7 @@ class CheckpointFiles:
         if files[0].suffix != ".safetensors":
             self._pickled = {}
             for path in files:
-                self._pickled.update(_read_file(path))
+                self._pickled.update(_read_pickle(path))
             return
         for path in files:
             with open_safetensors(path) as handle:
@@ -308,12 +306,12 @@ def check_shapes_on_meta(
     if not found:
         return
     ignore = set(ignore)
-    matched = 0
+    matched = False
     for key, shape in found.items():
         name = next((key[len(p) :] for p in prefixes if key.startswith(p) and key[len(p) :] in expected), None)
         if name is None or name in ignore:
             continue
-        matched += 1
+        matched = True
         if expected[name] != shape:
             raise WeightsError(
                 f"{directory}: tensor {key} is {list(shape)} but the model built from its config.json expects "
@@ -331,7 +329,7 @@ def check_shapes_on_meta(
             f"{'.'.join(absent[0])}; {len(absent)} in all). config.json does not describe these tensors (a missing "
             "num_hidden_layers falls back to the library's default depth); fix config.json."
         )
-    if matched == 0:
+    if not matched:
         raise WeightsError(
             f"{directory}: none of its {len(found)} tensors (e.g. {sorted(found)[:3]}) belongs to the model built from "
             "its config.json; is it a checkpoint of this model?"

@@ -7,6 +7,8 @@ run them for every mutant of the module.
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -93,14 +95,22 @@ def test_an_existing_directory_is_returned_as_it_is(tmp_path):
 def test_a_file_is_refused_naming_the_directory_to_pass(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"")
-    with pytest.raises(WeightsError, match=r"is a file; pass the directory that holds config.json"):
+    with pytest.raises(WeightsError) as error:
         weights.resolve_weights_dir(path)
+    assert str(error.value) == (
+        f"weights={str(path)!r} is a file; pass the directory that holds config.json and the "
+        "*.safetensors files (as written by save_pretrained)."
+    )
 
 
 @pytest.mark.parametrize("text", ["no/such/dir", "./missing", "missing"])
 def test_a_missing_path_that_is_no_hub_id_is_refused(text):
-    with pytest.raises(WeightsError, match=r"No weights directory at .*a hub id of the form 'owner/name'"):
+    with pytest.raises(WeightsError) as error:
         weights.resolve_weights_dir(text)
+    assert str(error.value) == (
+        f"No weights directory at {text!r}. Pass an existing directory written by save_pretrained, "
+        "or a hub id of the form 'owner/name'."
+    )
 
 
 def hub_cache(monkeypatch, directory: Path) -> None:
@@ -109,23 +119,48 @@ def hub_cache(monkeypatch, directory: Path) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(directory))
 
 
+def cached_snapshot(cache: Path, repo_id: str, commit: str = "0" * 40) -> Path:
+    """A hub-cache entry as ``huggingface_hub`` lays it out: ``refs/main`` names the snapshot's commit."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_a_hub_id_in_the_cache_is_its_snapshot(monkeypatch, tmp_path):
+    hub_cache(monkeypatch, tmp_path)
+    snapshot = cached_snapshot(tmp_path, "someone/model")
+    cached_snapshot(tmp_path, "someone/other", commit="1" * 40)
+    assert weights.resolve_weights_dir("someone/model") == snapshot
+
+
 def test_a_hub_id_absent_from_the_cache_offline_says_how_to_get_it(monkeypatch, tmp_path):
     hub_cache(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsError) as error:
         weights.resolve_weights_dir("someone/nothing-here")
     text = str(error.value)
-    assert "Could not get weights 'someone/nothing-here'" in text
-    assert "offline mode is on (HF_HUB_OFFLINE=1) and the files are not in the local cache" in text
-    assert "huggingface-cli download someone/nothing-here" in text
+    assert text.startswith(
+        "Could not get weights 'someone/nothing-here': offline mode is on (HF_HUB_OFFLINE=1) and the files are not "
+        "in the local cache. Download them on a connected machine with `huggingface-cli download "
+        "someone/nothing-here` and pass the local directory as weights=... ("
+    )
+    assert re.fullmatch(r".* \((\w+Error|\w+Exception): .+\)", text, flags=re.S), "the cause, by type and text"
 
 
 def test_a_hub_id_that_cannot_be_fetched_online_names_the_hub(monkeypatch, tmp_path):
     hub_cache(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
-    with pytest.raises(WeightsError, match=r"the hub could not be reached or the repository does not exist"):
+    with pytest.raises(WeightsError) as error:
         weights.resolve_weights_dir("someone/nothing-here")
+    assert str(error.value).startswith(
+        "Could not get weights 'someone/nothing-here': the hub could not be reached or the repository does not "
+        "exist. Download them"
+    )
 
 
 # -- config.json -----------------------------------------------------------------------------------------------
@@ -149,8 +184,14 @@ def test_read_config_of_broken_json(tmp_path):
 
 def test_remote_code_is_refused_naming_the_model_type(tmp_path):
     weights.refuse_remote_code({"model_type": "internvl_chat"}, tmp_path)  # no auto_map: nothing to refuse
-    with pytest.raises(UnsafeCheckpointError, match=r"auto_map, model_type='internvl_chat'.*never sets trust_remote"):
+    with pytest.raises(UnsafeCheckpointError) as error:
         weights.refuse_remote_code({"model_type": "internvl_chat", "auto_map": {}}, tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path} needs remote code (config.json has auto_map, model_type='internvl_chat'). earthmind-compat "
+        "never sets trust_remote_code. Use a checkpoint in the native transformers format (the '-hf' "
+        "repositories); the remote layouts of InternVL (internvl_chat) and EarthMind (sa2va_chat) are read as "
+        "data by internvl2_5_4b and earthmind_v1 (earthmind_compat.backbones.loader)."
+    )
 
 
 # -- which files ------------------------------------------------------------------------------------------------
@@ -165,8 +206,14 @@ def test_safetensors_files_are_listed_in_order_and_win_over_pickles(tmp_path):
 def test_pickles_alone_are_refused_unless_allowed(tmp_path):
     for name in ("b.bin", "a.pt", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
-    with pytest.raises(UnsafeCheckpointError, match=r"holds only pickle checkpoints \(a.pt, b.bin\).*allow_pickle"):
+    with pytest.raises(UnsafeCheckpointError) as error:
         weights.safetensors_files(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path} holds only pickle checkpoints (a.pt, b.bin), which can run arbitrary code when loaded. "
+        "Convert them to safetensors, or pass allow_pickle=True to read them with torch.load(weights_only=True)."
+    )
+    with pytest.raises(UnsafeCheckpointError, match="holds only pickle checkpoints"):
+        weights.CheckpointFiles(tmp_path)  # refused by default there too
     assert [p.name for p in weights.safetensors_files(tmp_path, allow_pickle=True)] == ["a.pt", "b.bin"]
 
 
@@ -231,8 +278,11 @@ def test_an_index_naming_a_missing_shard(tmp_path, absent, says):
     index(tmp_path, {"a.weight": "part-1.safetensors", "b.weight": "part-2.safetensors"})
     for name in absent:
         (tmp_path / name).unlink()
-    with pytest.raises(WeightsError, match=says + r".*Download the whole repository"):
+    with pytest.raises(WeightsError, match=says) as error:
         weights.CheckpointFiles(tmp_path)
+    assert str(error.value).endswith(
+        " not there. Download the whole repository (every model-*.safetensors file) into that directory."
+    )
 
 
 @pytest.mark.parametrize("text", ["{broken", '{"metadata": {}}', "[1, 2]"])
@@ -253,7 +303,35 @@ def test_pickles_are_read_once_when_allowed(tmp_path):
     assert weights.checkpoint_shapes(tmp_path) == {}  # shapes of pickles need loading them
 
 
-def test_a_pickle_that_is_not_tensors_is_refused(tmp_path):
+class NotATensor:
+    """An object ``torch.load(weights_only=True)`` refuses to unpickle."""
+
+
+def test_a_pickle_holding_other_objects_is_refused_with_the_first_line_of_the_cause(tmp_path):
+    torch.save({"w": torch.ones(1), "object": NotATensor()}, tmp_path / "a.bin")
+    with pytest.raises(pickle.UnpicklingError) as cause:  # what torch says: several lines
+        torch.load(tmp_path / "a.bin", weights_only=True)
+    lines = str(cause.value).strip().splitlines()
+    assert len(lines) > 1
+    with pytest.raises(UnsafeCheckpointError) as error:
+        weights.CheckpointFiles(tmp_path, allow_pickle=True)
+    assert str(error.value) == (
+        f"{tmp_path / 'a.bin'} could not be read with torch.load(weights_only=True) (UnpicklingError: {lines[0]}). "
+        "It holds objects other than tensors, which earthmind-compat will not unpickle; convert it to "
+        "safetensors on a machine you trust."
+    )
+
+
+def test_an_empty_pickle_is_refused_naming_the_cause_without_text(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"")  # torch.load raises EOFError with no message
+    with pytest.raises(UnsafeCheckpointError) as error:
+        weights.CheckpointFiles(tmp_path, allow_pickle=True)
+    assert str(error.value).startswith(
+        f"{tmp_path / 'a.bin'} could not be read with torch.load(weights_only=True) (EOFError: ). "
+    )
+
+
+def test_a_file_that_is_no_pickle_is_refused(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"not a pickle at all")
     with pytest.raises(UnsafeCheckpointError, match=r"a.bin could not be read with torch.load\(weights_only=True\)"):
         weights.CheckpointFiles(tmp_path, allow_pickle=True)
@@ -309,21 +387,64 @@ def test_a_checkpoint_under_a_prefix(tmp_path):
 
 
 def test_a_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
-    directory = checkpoint(tmp_path, **{**FULL, "layers__0__weight": (2, 5)})
-    with pytest.raises(WeightsError, match=r"tensor layers.0.weight is \[2, 5\] but .* expects \[2, 3\]"):
+    directory = checkpoint(tmp_path, **{**FULL, "layers__1__weight": (2, 5)})
+    with pytest.raises(WeightsError) as error:
         weights.check_shapes_on_meta(meta_model(), directory)
-    weights.check_shapes_on_meta(meta_model(), directory, ignore=["layers.0.weight"])
+    assert str(error.value) == (
+        f"{directory}: tensor layers.1.weight is [2, 5] but the model built from its config.json expects [2, 2]. "
+        "config.json does not describe these tensors (a missing dimension falls back to the library's default "
+        "size); fix config.json or pass the directory it was saved with."
+    )
+    weights.check_shapes_on_meta(meta_model(), directory, ignore=["layers.1.weight"])
+
+
+def test_a_mismatch_after_tensors_that_are_skipped_is_still_found(tmp_path):
+    # "head.weight" (ignored) and "extra" (not the model's) come before "layers.1.weight" in the file
+    directory = checkpoint(tmp_path, **{**FULL, "extra": (9,), "layers__1__weight": (2, 5)})
+    with pytest.raises(WeightsError, match=r"tensor layers.1.weight is \[2, 5\]"):
+        weights.check_shapes_on_meta(meta_model(), directory, ignore=["head.weight"])
 
 
 def test_blocks_the_checkpoint_lacks(tmp_path):
     first_layer_only = {k: v for k, v in FULL.items() if not k.startswith("layers__1")}
-    with pytest.raises(WeightsError, match=r"blocks the checkpoint does not hold \(e.g. layers.1; 1 in all\)"):
-        weights.check_shapes_on_meta(meta_model(), checkpoint(tmp_path, **first_layer_only))
+    directory = checkpoint(tmp_path, **first_layer_only)
+    with pytest.raises(WeightsError) as error:
+        weights.check_shapes_on_meta(meta_model(), directory)
+    assert str(error.value) == (
+        f"{directory}: the model built from its config.json has blocks the checkpoint does not hold (e.g. "
+        "layers.1; 1 in all). config.json does not describe these tensors (a missing num_hidden_layers falls back "
+        "to the library's default depth); fix config.json."
+    )
+
+
+def deep_meta_model() -> torch.nn.Module:
+    with torch.device("meta"):
+        blocks = torch.nn.ModuleList([torch.nn.Linear(1, 1) for _ in range(12)])
+        return torch.nn.ModuleDict({"a": blocks, "b": torch.nn.ModuleList([torch.nn.Linear(1, 1)])})
+
+
+@pytest.mark.parametrize(
+    ("held", "first_absent"),
+    [
+        (["a.0", "a.1", "b.0"], "a.2"),  # by number, not as text ("a.10" < "a.2")
+        (["a.0", "b.0"], "a.1"),
+        (["a.0", *(f"a.{i}" for i in range(2, 12))], "a.1"),  # by container first: "b.0" has the smaller number
+    ],
+)
+def test_the_first_absent_block_is_named_in_order(tmp_path, held, first_absent):
+    tensors = {f"{block}.weight".replace(".", "__"): (1, 1) for block in held}
+    with pytest.raises(WeightsError, match=rf"\(e.g. {re.escape(first_absent)}; \d+ in all\)"):
+        weights.check_shapes_on_meta(deep_meta_model(), checkpoint(tmp_path, **tensors))
 
 
 def test_a_checkpoint_of_another_model(tmp_path):
-    with pytest.raises(WeightsError, match=r"none of its 2 tensors \(e.g. \['other.a', 'other.b'\]\)"):
-        weights.check_shapes_on_meta(meta_model(), checkpoint(tmp_path, other__a=(1,), other__b=(1,)))
+    directory = checkpoint(tmp_path, other__d=(1,), other__a=(1,), other__c=(1,), other__b=(1,))
+    with pytest.raises(WeightsError) as error:
+        weights.check_shapes_on_meta(meta_model(), directory)
+    assert str(error.value) == (
+        f"{directory}: none of its 4 tensors (e.g. ['other.a', 'other.b', 'other.c']) belongs to the model built "
+        "from its config.json; is it a checkpoint of this model?"
+    )
 
 
 def test_nothing_to_compare_for_pickles(tmp_path):
