@@ -35,6 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default="adamw", help="adamw, adam, sgd or sgd_momentum (default: adamw)")
     parser.add_argument("--in-chans", type=int, default=3, help="input bands (default: 3)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
+    parser.add_argument(
+        "--strategy",
+        default="single",
+        choices=("single", "ddp", "fsdp", "deepspeed_stage_3"),
+        help="training strategy; figures are per device (default: single)",
+    )
+    parser.add_argument("--devices", type=int, default=1, help="devices taking part (default: 1)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -52,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         in_chans=args.in_chans,
         lora_r=args.lora_r,
+        strategy=args.strategy,
+        devices=args.devices,
     )
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))
@@ -59,12 +68,14 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{plan.backbone} ({plan.preset}, {plan.parameters / 1e6:.1f} M parameters), technique {plan.technique}, "
             f"batch {plan.batch_size} x {plan.image_size} px"
+            + (f", {plan.strategy} on {plan.devices} devices (per device)" if plan.strategy != "single" else "")
         )
         for label, value in (
             ("weights", plan.weights),
             ("gradients", plan.gradients),
             ("optimizer state", plan.optimizer),
             ("activations (fp32)", plan.activations),
+            *((("strategy workspace", plan.workspace),) if plan.strategy != "single" else ()),
             ("total", plan.total),
         ):
             line = f"  {label:<20} {format_bytes(value):>12}"

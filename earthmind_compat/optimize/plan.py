@@ -32,7 +32,8 @@ from earthmind_compat.backbones import backbone_class
 from earthmind_compat.errors import ConfigurationError, unknown_name
 from earthmind_compat.optimize.experts import is_fused_experts, quantize_experts
 from earthmind_compat.optimize.families import find_blocks, linear_paths, lora_targets
-from earthmind_compat.optimize.quantize import BLOCKSIZE_4BIT, weight_storages
+from earthmind_compat.optimize.quantize import BLOCKSIZE_4BIT, quantize_linears
+from earthmind_compat.optimize.sharding import device_states
 from earthmind_compat.optimize.techniques import Techniques, parse_technique
 from earthmind_compat.sizes import parse_size
 
@@ -46,7 +47,9 @@ class MemoryPlan:
     """Memory estimate of one training configuration, in bytes.
 
     ``weights`` is what the technique stores (quantized codes and scales included); ``unoptimized_weights`` is
-    the same backbone in full precision, for the ratio the technique buys.
+    the same backbone in full precision, for the ratio the technique buys. With a multi-device ``strategy``,
+    ``weights``, ``gradients``, ``optimizer``, ``activations`` and ``workspace`` (DDP's gradient buckets, the
+    layers FSDP / ZeRO-3 gather) are per device, and ``total`` is one device's.
     """
 
     backbone: str
@@ -63,6 +66,9 @@ class MemoryPlan:
     total: int
     gpu_memory: int | None
     fits: bool | None
+    strategy: str = "single"
+    devices: int = 1
+    workspace: int = 0
 
     def as_dict(self) -> dict:
         """Plain dictionary (for JSON)."""
@@ -183,55 +189,125 @@ def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
     return sum(storages.values())
 
 
-def block_saved_bytes_growth(
+def _profiled(fn: Callable[[], object]) -> tuple[int, int]:
+    """``(peak, final)`` bytes allocated on CPU while running ``fn()``, above what was allocated before it.
+
+    Read from the PyTorch profiler's allocator events (``profile_memory=True``): the running sum of every
+    allocation and free, in order; ``final`` is what ``fn`` left allocated. CPU memory measured this way does
+    not depend on other processes.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    running = peak = 0
+    for event in memory:
+        if event["args"].get("Device Type", 0) == 0:
+            running += int(event["args"]["Bytes"])
+            peak = max(peak, running)
+    return peak, running
+
+
+def profiled_peak(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated on CPU while running ``fn()``, above what was allocated before it (see ``_profiled``)."""
+    return _profiled(fn)[0]
+
+
+@dataclass(frozen=True)
+class BlockGrowth:
+    """One block's training memory at the planned sequence length, as ``a + b * batch`` bytes.
+
+    Attributes:
+        kept: What the block's forward leaves allocated: its output and everything kept for its backward (saved
+            tensors, and what bitsandbytes keeps on its autograd context outside the saved-tensor hooks).
+        workspace: The block's backward peak above what its forward kept: the output gradient, the input
+            gradient, the transient gradients of attention and MLP (the attention's probabilities where the
+            installed torch's kernel materialises them), a weight-sized gradient before it is accumulated, the
+            weights bitsandbytes dequantizes for the backward.
+    """
+
+    kept: tuple[float, float]
+    workspace: tuple[float, float]
+
+    def kept_bytes(self, batch: int) -> float:
+        """Kept bytes at ``batch`` sequences."""
+        return max(0.0, self.kept[0] + self.kept[1] * batch)
+
+    def workspace_bytes(self, batch: int) -> float:
+        """Backward workspace at ``batch`` sequences."""
+        return max(0.0, self.workspace[0] + self.workspace[1] * batch)
+
+
+def _line(at_one: int, at_two: int) -> tuple[float, float]:
+    """``(a, b)`` of ``a + b * batch`` through the values at batch 1 and 2."""
+    return float(2 * at_one - at_two), float(at_two - at_one)
+
+
+def _prepare_block(
+    block: nn.Module, techniques: Techniques, lora_target_names: tuple[str, ...], lora_r: int
+) -> nn.Module:
+    """A materialised copy of ``block`` with the technique's quantization and LoRA applied, as in the backbone."""
+    block = _materialise(block)
+    if techniques.quantization:
+        quantize_linears(block, techniques.quantization, techniques.double_quant)
+        quantize_experts(block, techniques.quantization, techniques.double_quant)
+    if techniques.lora:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        for p in block.parameters():
+            p.requires_grad_(False)
+        targets = linear_paths(block, lora_target_names)
+        if targets:
+            inject_adapter_in_model(LoraConfig(r=lora_r, target_modules=targets), block)
+            for name, p in block.named_parameters():
+                p.requires_grad_("lora_" in name)
+    return block.train()
+
+
+def block_growth(
     block: nn.Module,
     hidden_size: int,
     techniques: Techniques,
     tokens: int,
     lora_target_names: tuple[str, ...] = (),
-) -> tuple[float, float]:
-    """How the saved-for-backward bytes of one materialised block grow with the sequence length ``n``.
+    lora_r: int = 8,
+) -> BlockGrowth:
+    """Trace one block at its real width and sequence length: what its forward keeps, its backward's peak.
 
-    Measured at ``n = tokens, 2 * tokens, 3 * tokens`` on one sequence and fitted exactly by
-    ``a + b * n + c * n**2``.
-
-    Returns:
-        ``(b, c)``: bytes per token and per squared token (``c`` is clamped at 0: measurement noise only).
+    The block is materialised, quantized and given LoRA adapters as the technique does to the backbone. For 1 and
+    2 sequences of ``tokens`` tokens, after a warm-up step that allocates the parameter gradients (zeroed, not
+    freed: they are counted as gradients), the forward and the backward are profiled separately
+    (:func:`_profiled`): what the forward leaves allocated is ``kept``, the backward's peak above it is
+    ``workspace``. The backward gets a real output gradient (a fixed random direction), as from the layers above.
     """
-    block = _materialise(block)
-    if techniques.quantization:
-        # A bitsandbytes matmul saves its input for the backward pass like a trainable nn.Linear does (a frozen
-        # nn.Linear would not), so quantized layers are emulated by full-precision ones whose weight requires
-        # grad; the weights themselves are never counted. Experts are split per expert, as when quantized.
-        quantize_experts(block, None)
-        for p in block.parameters():
-            p.requires_grad_(False)
-        for module in block.modules():
-            if type(module) is nn.Linear:
-                module.weight.requires_grad_(True)
-    elif not techniques.trains_base:
-        for p in block.parameters():
-            p.requires_grad_(False)
-    if techniques.lora:
-        from peft import LoraConfig, inject_adapter_in_model
+    block = _prepare_block(block, techniques, lora_target_names, lora_r)
+    kept, workspace = [], []
+    for batch in (1, 2):
+        hidden = torch.randn(batch, tokens, hidden_size, requires_grad=True)
+        direction = torch.randn(batch, tokens, hidden_size)
+        outputs: list[torch.Tensor] = []
 
-        targets = linear_paths(block, lora_target_names)
-        if targets:
-            inject_adapter_in_model(LoraConfig(r=8, target_modules=targets), block)
-    block.train()
-    exclude = weight_storages(block)
-    counts = []
-    for n in (tokens, 2 * tokens, 3 * tokens):
-        hidden = torch.randn(1, n, hidden_size, requires_grad=True)
-
-        def run(hidden=hidden) -> None:
+        def forward(hidden: torch.Tensor = hidden, outputs: list[torch.Tensor] = outputs) -> None:
             out = block(hidden)
-            (out[0] if isinstance(out, tuple) else out).sum()
+            outputs.append(out[0] if isinstance(out, tuple) else out)
 
-        counts.append(saved_bytes(run, exclude | {hidden.untyped_storage().data_ptr()}))
-    first, second = counts[1] - counts[0], counts[2] - counts[1]
-    quadratic = max(0.0, (second - first) / (2 * tokens**2))
-    return (first - 3 * quadratic * tokens**2) / tokens, quadratic
+        def backward(direction: torch.Tensor = direction, outputs: list[torch.Tensor] = outputs) -> None:
+            (outputs.pop() * direction).sum().backward()
+
+        forward()  # warm-up: parameter gradients exist from here on
+        backward()
+        for p in block.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        hidden.grad = None
+        kept.append(_profiled(forward)[1])
+        workspace.append(_profiled(backward)[0])
+    return BlockGrowth(_line(*kept), _line(*workspace))
 
 
 def estimate_activations(
@@ -239,32 +315,33 @@ def estimate_activations(
     techniques: Techniques,
     batch_size: int,
     image_size: int,
-    tokens: int = 64,
+    lora_r: int = 8,
+    lora_target_modules: tuple[str, ...] | None = None,
 ) -> int:
     """Estimated peak activation bytes of one training step of ``backbone`` (fp32), see the module docstring."""
-    targets = tuple(lora_targets(backbone)) if techniques.lora else ()
+    targets = tuple(lora_target_modules or lora_targets(backbone)) if techniques.lora else ()
     blocks = find_blocks(backbone)
-    hidden = int(getattr(backbone, "out_channels", [0])[0])
-    chunk = int(getattr(getattr(backbone, "config", None), "mamba_chunk_size", 0) or 0)
-    if chunk:
-        tokens = chunk  # whole Mamba chunks
+    hidden = int(backbone.out_channels[0])
     rows, cols = backbone.grid_size(image_size, image_size)
     n = rows * cols + int(getattr(backbone, "has_cls_token", False))
-    growth: dict[tuple, tuple[float, float]] = {}
-    per_block = []
+    growth: dict[tuple, BlockGrowth] = {}
+    kinds = []
     for block in blocks:
         kind = _block_kind(block)
         if kind not in growth:
-            growth[kind] = block_saved_bytes_growth(block, hidden, techniques, tokens, targets)
-        linear, quadratic = growth[kind]
-        per_block.append(batch_size * (linear * n + quadratic * n * n))
+            growth[kind] = block_growth(block, hidden, techniques, n, targets, lora_r)
+        kinds.append(growth[kind])
     tokens_total = batch_size * n
-    largest = max(per_block)
-    stem = 2 * 4 * tokens_total * hidden  # embeddings (the input batch itself is not counted)
-    if techniques.checkpointing:
-        kept = len(blocks) * 4 * tokens_total * hidden
-        return int(stem + kept + 2 * largest)
-    return int(stem + sum(per_block) + largest)
+    token_tensor = 4 * tokens_total * hidden
+    # the embeddings' output and the position-embedded tokens (the input batch itself is not counted), and the
+    # gradients of the returned features below the top one: they all arrive when the backward starts and wait
+    # for their block's backward
+    stem = 2 * token_tensor + (len(backbone.out_channels) - 1) * token_tensor
+    workspace = [g.workspace_bytes(batch_size) for g in kinds]
+    if techniques.checkpointing:  # every block keeps its output; one at a time is recomputed for its backward
+        outputs = len(blocks) * token_tensor
+        return int(stem + outputs + max(g.kept_bytes(batch_size) + w for g, w in zip(kinds, workspace, strict=True)))
+    return int(stem + sum(g.kept_bytes(batch_size) for g in kinds) + max(workspace))
 
 
 def plan_memory(
@@ -277,6 +354,8 @@ def plan_memory(
     optimizer: str = "adamw",
     in_chans: int = 3,
     lora_r: int = 8,
+    strategy: str = "single",
+    devices: int = 1,
 ) -> MemoryPlan:
     """Plan the training memory of a backbone configuration.
 
@@ -290,13 +369,16 @@ def plan_memory(
         optimizer: ``adamw``, ``adam``, ``sgd`` or ``sgd_momentum``.
         in_chans: Input bands.
         lora_r: LoRA rank.
+        strategy: ``single``, ``ddp``, ``fsdp`` or ``deepspeed_stage_3`` (per-device figures, see
+            :mod:`earthmind_compat.optimize.sharding`).
+        devices: Devices taking part (``batch_size`` is per device, as in Lightning).
 
     Returns:
         A :class:`MemoryPlan` (activations in float32, as on CPU; bfloat16 autocast roughly halves them).
 
     Raises:
         UnknownNameError: for an unknown backbone, preset, technique or optimizer.
-        ConfigurationError: for non-positive sizes.
+        ConfigurationError: for non-positive sizes, or a strategy that does not go with the devices or technique.
     """
     techniques = parse_technique(technique)
     if optimizer not in OPTIMIZER_STATE_BYTES:
@@ -307,10 +389,17 @@ def plan_memory(
     model = build_on_meta(backbone, preset, in_chans)
     counts = count_weights(model, techniques, lora_r)
     unoptimized = count_weights(model, parse_technique("none"))["weights"]
-    gradients = 4 * counts["trainable"]
-    optimizer_bytes = OPTIMIZER_STATE_BYTES[optimizer] * counts["trainable"]
-    activations = estimate_activations(model, techniques, batch_size, image_size)
-    total = counts["weights"] + gradients + optimizer_bytes + activations
+    states = device_states(
+        model,
+        techniques,
+        strategy,
+        devices,
+        counts["weights"],
+        counts["trainable"],
+        OPTIMIZER_STATE_BYTES[optimizer],
+    )
+    activations = estimate_activations(model, techniques, batch_size, image_size, lora_r=lora_r)
+    total = states.weights + states.gradients + states.optimizer + activations + states.workspace
     return MemoryPlan(
         backbone,
         preset,
@@ -318,14 +407,17 @@ def plan_memory(
         batch_size,
         image_size,
         counts["parameters"],
-        counts["weights"],
+        states.weights,
         unoptimized,
-        gradients,
-        optimizer_bytes,
+        states.gradients,
+        states.optimizer,
         activations,
         total,
         device_memory,
         None if device_memory is None else total <= device_memory,
+        strategy,
+        devices,
+        states.workspace,
     )
 
 
@@ -336,28 +428,18 @@ def measure_activation_peak(backbone: nn.Module, x: torch.Tensor) -> int:
     activations plus backward workspace, as the planner's activation figure. Measured with the PyTorch
     profiler's allocator events (``profile_memory=True``): the running sum of allocations and frees.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     backbone.train()
+    generator = torch.Generator().manual_seed(0)
+    directions: list[torch.Tensor] = []
 
     def step() -> None:
         features = backbone(x)
-        sum(f.float().mean() for f in features).backward()
+        if not directions:  # fixed random directions: every feature gets a real gradient, as from a decoder
+            directions.extend(torch.randn(f.shape, generator=generator, dtype=f.dtype) for f in features)
+        sum((f * d).sum() for f, d in zip(features, directions, strict=True)).backward()
 
     step()
     for p in backbone.parameters():
         if p.grad is not None:
             p.grad.zero_()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text())["traceEvents"]
-    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
-    running = peak = 0
-    for event in memory:
-        if event["args"].get("Device Type", 0) == 0:
-            running += int(event["args"]["Bytes"])
-            peak = max(peak, running)
-    return peak
+    return profiled_peak(step)
