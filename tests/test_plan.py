@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -249,3 +250,16 @@ def test_fsdp_plan_against_two_process_gloo_run(monkeypatch, tmp_path):
         assert measured["weights"] == plan.weights
         planned = plan.gradients + plan.activations + plan.workspace
         assert measured["peak"] <= planned <= 1.25 * measured["peak"], (planned, measured["peak"])
+
+
+def test_cli_plan_per_device(capsys):
+    args = ["plan", "--backbone", "internvl2_5_4b", "--preset", "tiny", "--image-size", "56", "--json"]
+    assert main([*args, "--strategy", "fsdp", "--devices", "2"]) == 0
+    sharded = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert (sharded["strategy"], sharded["devices"], single["strategy"]) == ("fsdp", 2, "single")
+    assert sharded["weights"] < single["weights"] and sharded["workspace"] > 0 == single["workspace"]
+    assert sharded["activations"] == single["activations"]  # the batch is per device
+    assert main([*args, "--devices", "2"]) == 2  # one process cannot use two devices
+    assert "--devices 2" in capsys.readouterr().err

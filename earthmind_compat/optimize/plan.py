@@ -3,13 +3,17 @@
 - Weights, gradients and optimizer state are counted exactly from the backbone built on the meta device
   (no memory used, any preset): each linear layer and MoE expert slice is counted as bitsandbytes stores it
   (packed 4-bit codes + absmax per 64 weights [+ nested scales with dq] + code table, or int8 + row scales).
-- Activations are traced: one block of each kind is materialised at the real width, the technique is
-  applied to it, and the bytes autograd saves for the backward pass are counted (``saved_tensors_hooks``)
-  at three token counts; a per-sequence cost ``b * n + c * n**2`` is fitted (``c`` is the attention matrix
-  where the installed torch's attention keeps one, e.g. torch 2.7's CPU fallback for Granite's masked
-  attention), scaled to the requested batch and image size and summed over the blocks, plus the stem
-  (input, embeddings) and one block's worth of backward workspace. With checkpointing, each block keeps
-  only its input and one block at a time is recomputed.
+- Activations are traced (:func:`block_growth`): one block of each kind is materialised at the real width, the
+  technique is applied to it (real bitsandbytes layers, real LoRA adapters of the planned rank), and it is run
+  at the planned sequence length for 1 and 2 sequences under the PyTorch profiler's allocator events. What its
+  forward leaves allocated (``kept``: output and everything kept for backward, including what bitsandbytes
+  keeps outside the saved-tensor hooks) and its backward's peak above that (``workspace``: output and input
+  gradients, attention's transient gradients, a weight-sized gradient before accumulation, weights
+  bitsandbytes dequantizes) are each ``a + b * batch``. The estimate is the stem (embeddings: two token
+  tensors) plus the gradients of the returned features below the top one (they arrive together when the
+  backward starts), plus every block's kept bytes and the largest workspace. With checkpointing each block
+  keeps only its output and one block at a time is recomputed (its kept bytes plus its workspace).
+- Per-device figures for DDP, FSDP and ZeRO-3: :mod:`earthmind_compat.optimize.sharding`.
 
 :func:`measure_activation_peak` measures the real peak on CPU with the PyTorch profiler's allocator events
 and is what the estimate is validated against.
