@@ -1,24 +1,31 @@
-"""Version detection: which torch / TerraTorch / transformers versions the matrix has tested.
+"""Version detection: which torch / TerraTorch / transformers / peft / bitsandbytes versions the matrix has tested.
 
-The ranges below are the lowest and highest versions of the cells that run in ``matrices/cells.toml``
-(a test keeps the two in step). Outside them the package still imports, with an
-:class:`UntestedVersionWarning` naming the version and the tested range.
+The tested ranges are not kept by hand: ``nox -s render`` (``python -m tools.matrix render``) derives them from
+the committed matrix results (the versions really installed by the cells that passed) and writes them to
+``tested_versions.json`` next to this module, which is read here. Outside them the package still imports,
+with an :class:`UntestedVersionWarning` naming the version, the tested range and the cells that prove it.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import warnings
-from importlib import metadata
+from importlib import metadata, resources
 
 from packaging.version import InvalidVersion, Version
 
-#: Lowest and highest version of each package in the cells that run (matrices/cells.toml).
-TESTED_RANGES: dict[str, tuple[str, str]] = {
-    "torch": ("2.7.0", "2.15.0"),
-    "terratorch": ("1.0.2", "1.2.13"),
-    "transformers": ("4.52.1", "5.23.0"),
-}
+#: Rendered from the matrix results; ``tests/test_matrix.py`` checks that it is current.
+TESTED_VERSIONS_FILE = "tested_versions.json"
+
+
+def _load_tested_ranges() -> dict[str, tuple[str, str]]:
+    data = json.loads(resources.files(__package__).joinpath(TESTED_VERSIONS_FILE).read_text(encoding="utf-8"))
+    return {package: (entry["low"], entry["high"]) for package, entry in data["ranges"].items()}
+
+
+#: Lowest and highest installed version of each package over the matrix cells that passed (see module doc).
+TESTED_RANGES: dict[str, tuple[str, str]] = _load_tested_ranges()
 
 
 class UntestedVersionWarning(UserWarning):
@@ -95,6 +102,58 @@ def require_native_model_classes() -> None:
             "native classes (never remote code), which first shipped in 4.52.1. Run: "
             "pip install 'transformers>=4.52.1'"
         )
+
+
+#: First transformers release whose bitsandbytes integration quantizes at load time on a CPU without Intel's
+#: IPEX: up to 4.52.x ``validate_bnb_backend_availability`` drops ``"cpu"`` from the usable devices unless
+#: ``intel_extension_for_pytorch`` is importable and raises "None of the available devices ... are supported".
+LOAD_TIME_CPU_QUANTIZATION_SINCE = "4.53.0"
+
+
+def transformers_quantizes_on_cpu() -> bool:
+    """Whether the installed transformers quantizes a checkpoint while loading it on the CPU (4.53.0 on)."""
+    found = installed_version("transformers")
+    return found is None or Version(Version(found).base_version) >= Version(LOAD_TIME_CPU_QUANTIZATION_SINCE)
+
+
+def refuse_cpu_load_time_quantization() -> None:
+    """Fail early, with the fix, where the installed transformers cannot quantize a checkpoint on the CPU.
+
+    Raises:
+        ConfigurationError: on transformers older than :data:`LOAD_TIME_CPU_QUANTIZATION_SINCE`.
+    """
+    from earthmind_compat.errors import ConfigurationError
+
+    if not transformers_quantizes_on_cpu():
+        found = installed_version("transformers")
+        raise ConfigurationError(
+            f"transformers {found} cannot quantize while loading on the CPU (its bitsandbytes check accepts a "
+            f"CPU only with intel_extension_for_pytorch; fixed in {LOAD_TIME_CPU_QUANTIZATION_SINCE}). Install "
+            f"'transformers>={LOAD_TIME_CPU_QUANTIZATION_SINCE}', or load in full precision and quantize in place "
+            "(the backbone's quantization option, or earthmind_compat.optimize.quantize_linears)."
+        )
+
+
+def dtype_keyword() -> str:
+    """The ``from_pretrained`` keyword for the model dtype: ``dtype`` from transformers 4.56, ``torch_dtype`` before."""
+    found = installed_version("transformers")
+    return "dtype" if found is None or Version(Version(found).base_version) >= Version("4.56.0") else "torch_dtype"
+
+
+def call_with_hidden_states(model: object, *args: object, **kwargs: object) -> object:
+    """Call a transformers model asking for every layer's hidden states, in a way every version accepts.
+
+    transformers 4.57's ``InternVLVisionModel.forward`` is wrapped by ``@check_model_inputs`` but has no
+    ``**kwargs``, so ``model(x, output_hidden_states=True)`` raises ``TypeError`` there. The flag is set on the
+    model's config for the duration of the call instead, which every version reads.
+    """
+    config = model.config
+    previous = getattr(config, "output_hidden_states", False)
+    config.output_hidden_states = True
+    try:
+        return model(*args, **kwargs)
+    finally:
+        config.output_hidden_states = previous
 
 
 def first_tensor(output: object) -> object:

@@ -185,8 +185,8 @@ def _reshape_tokens_fits(step: Step) -> None:
 
 
 def _needs_maps(step: Step) -> None:
-    """The neck works on image-shaped maps."""
-    if step.kind != MAPS:
+    """The neck works on image-shaped maps (unknown features, after a neck without a rule, are let through)."""
+    if step.kind not in (MAPS, UNKNOWN):
         raise ConfigurationError(
             f"{step.where} needs image-shaped maps [B, C, H, W] but gets {step.kind}; put "
             f"{_grid_from_tokens(step)} before it.{step.hint}"

@@ -36,7 +36,7 @@ def resolve_weights_dir(weights: str | os.PathLike) -> Path:
     """Return a local directory holding ``config.json`` and the checkpoint files.
 
     Args:
-        weights: A local directory, or a hub id such as ``"OpenGVLab/InternVL2_5-4B-MPO-hf"``. A hub id is
+        weights: A local directory, or a hub id such as ``"OpenGVLab/InternVL2_5-4B"``. A hub id is
             fetched with ``huggingface_hub.snapshot_download`` (configs and safetensors only), from the local
             cache alone when offline mode is on.
 
@@ -110,7 +110,8 @@ def refuse_remote_code(config: dict, directory: Path) -> None:
         raise UnsafeCheckpointError(
             f"{directory} needs remote code (config.json has auto_map, model_type={config.get('model_type')!r}). "
             "earthmind-compat never sets trust_remote_code. Use a checkpoint in the native transformers format "
-            "(the '-hf' repositories), or convert this one with earthmind_compat.backbones.convert."
+            "(the '-hf' repositories); the remote layouts of InternVL (internvl_chat) and EarthMind (sa2va_chat) "
+            "are read as data by internvl2_5_4b and earthmind_v1 (earthmind_compat.backbones.loader)."
         )
 
 
@@ -156,33 +157,6 @@ def open_safetensors(path: Path) -> Iterator[object]:
         ) from None
 
 
-def load_tensors(
-    directory: Path, prefixes: Iterable[str] = ("",), allow_pickle: bool = False
-) -> dict[str, torch.Tensor]:
-    """Read every tensor whose key starts with one of ``prefixes``; the matched prefix is stripped.
-
-    Args:
-        directory: Checkpoint directory.
-        prefixes: Key prefixes to keep, tried in order; ``""`` keeps everything.
-        allow_pickle: Read pickle checkpoints (with ``weights_only=True``) when no safetensors exist.
-
-    Returns:
-        A flat state dict.
-
-    Raises:
-        WeightsError: if a file is truncated or corrupt.
-    """
-    prefixes = tuple(prefixes)
-    out: dict[str, torch.Tensor] = {}
-    for path in safetensors_files(directory, allow_pickle=allow_pickle):
-        for key, tensor in _read_file(path).items():
-            for prefix in prefixes:
-                if key.startswith(prefix):
-                    out[key[len(prefix) :]] = tensor
-                    break
-    return out
-
-
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         with open_safetensors(path) as handle:
@@ -201,39 +175,96 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def checkpoint_keys(directory: Path, allow_pickle: bool = False) -> list[str]:
-    """List the tensor names of a checkpoint without loading the tensors (safetensors)."""
-    keys: list[str] = []
-    for path in safetensors_files(directory, allow_pickle=allow_pickle):
-        if path.suffix == ".safetensors":
-            with open_safetensors(path) as handle:
-                keys.extend(handle.keys())
-        else:
-            keys.extend(_read_file(path))
-    return keys
+#: Index file that lists which shard holds each tensor of a sharded safetensors checkpoint.
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-def find_prefix(directory: Path, candidates: Iterable[str], marker: str, allow_pickle: bool = False) -> str:
-    """Return the first candidate prefix under which the checkpoint has a key starting with ``marker``.
+class CheckpointFiles:
+    """The tensors of one checkpoint directory, read lazily: names first, shapes from headers, values on demand.
+
+    A sharded checkpoint is read through its ``model.safetensors.index.json`` (every shard it names must be
+    present); otherwise every ``*.safetensors`` file of the directory is a part. Only the files that hold a
+    requested tensor are opened, and only the requested tensors are read. Pickle checkpoints (``allow_pickle``)
+    cannot be read lazily and are loaded once, with ``torch.load(weights_only=True)``.
 
     Args:
-        directory: Checkpoint directory.
-        candidates: Prefixes to try in order, e.g. ``("model.vision_tower.", "vision_tower.", "")``.
-        marker: The start of a key every matching component has, e.g. ``"embeddings."``.
-        allow_pickle: See :func:`load_tensors`.
+        directory: The checkpoint directory.
+        allow_pickle: Read pickle checkpoints when no safetensors exist.
+        config: Its parsed ``config.json``, kept as :attr:`config` for readers that need both.
 
     Raises:
-        WeightsError: if no candidate matches, listing a few keys that were found.
+        WeightsError: if the index is unreadable or names a missing shard, or there is no checkpoint file.
+        UnsafeCheckpointError: if only pickle files are present and ``allow_pickle`` is False.
     """
-    keys = checkpoint_keys(directory, allow_pickle)
-    candidates = list(candidates)
-    for prefix in candidates:
-        if any(k.startswith(prefix + marker) for k in keys):
-            return prefix
-    raise WeightsError(
-        f"{directory} has no tensor named like {[c + marker + '...' for c in candidates]}; found e.g. "
-        f"{sorted(keys)[:5]}. Is it a checkpoint of this model?"
-    )
+
+    def __init__(self, directory: Path, allow_pickle: bool = False, config: dict | None = None) -> None:
+        self.directory = directory
+        self.config = dict(config or {})
+        self._pickled: dict[str, torch.Tensor] | None = None
+        self._where: dict[str, Path] = {}
+        index = directory / SAFETENSORS_INDEX
+        if index.is_file():
+            self._where = self._read_index(index)
+            return
+        files = safetensors_files(directory, allow_pickle=allow_pickle)
+        if files[0].suffix != ".safetensors":
+            self._pickled = {}
+            for path in files:
+                self._pickled.update(_read_file(path))
+            return
+        for path in files:
+            with open_safetensors(path) as handle:
+                self._where.update(dict.fromkeys(handle.keys(), path))
+
+    def _read_index(self, index: Path) -> dict[str, Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise WeightsError(
+                f"{index} is not a valid safetensors index (no readable 'weight_map': {exc}). Download it again."
+            ) from None
+        shards = sorted(set(weight_map.values()))
+        absent = [name for name in shards if not (self.directory / name).is_file()]
+        if absent:
+            raise WeightsError(
+                f"{self.directory}: {SAFETENSORS_INDEX} lists {len(shards)} shards but {absent} "
+                f"{'is' if len(absent) == 1 else 'are'} not there. Download the whole repository (every "
+                "model-*.safetensors file) into that directory."
+            )
+        return {key: self.directory / name for key, name in weight_map.items()}
+
+    @property
+    def keys(self) -> list[str]:
+        """Every tensor name of the checkpoint (no tensor is read)."""
+        return list(self._pickled) if self._pickled is not None else list(self._where)
+
+    def shapes(self, keys: Iterable[str]) -> dict[str, tuple[int, ...]]:
+        """Shapes of ``keys``, from the safetensors headers (no tensor is read)."""
+        if self._pickled is not None:
+            return {key: tuple(self._pickled[key].shape) for key in keys}
+        out: dict[str, tuple[int, ...]] = {}
+        for path, names in self._by_file(keys).items():
+            with open_safetensors(path) as handle:
+                for key in names:
+                    out[key] = tuple(handle.get_slice(key).get_shape())
+        return out
+
+    def load(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Read ``keys`` only, opening only the files that hold them."""
+        if self._pickled is not None:
+            return {key: self._pickled[key] for key in keys}
+        out: dict[str, torch.Tensor] = {}
+        for path, names in self._by_file(keys).items():
+            with open_safetensors(path) as handle:
+                for key in names:
+                    out[key] = handle.get_tensor(key)
+        return out
+
+    def _by_file(self, keys: Iterable[str]) -> dict[Path, list[str]]:
+        grouped: dict[Path, list[str]] = {}
+        for key in keys:
+            grouped.setdefault(self._where[key], []).append(key)
+        return grouped
 
 
 def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:

@@ -2,9 +2,18 @@
 
 Used only by the tests: it writes tiny checkpoints named exactly as EarthMind's release names its tensors
 (``vision_model.encoder.layers.N.attn.qkv``, ``mlp1.0``, ``local_query``, ``language_model.*`` ...) and
-computes the remote forward (fused-qkv attention, ``norm1``/``ls1`` blocks, pixel shuffle v2, ``mlp1``,
-and the gating written as the release writes it: expand, multiply, sum over width, then over queries), so
-that the converted native model can be compared against it.
+computes the remote forward (fused-qkv attention, ``norm1``/``ls1`` blocks, pixel shuffle v2, ``mlp1``), so
+that the converted native model can be compared against it. Two ways of combining SAR and optical tokens, each
+written as its source in shuyansy/EarthMind writes it:
+
+* :meth:`RemoteEarthMind.generate_multi_tokens`, the released inference (``generate_multi`` in
+  ``projects/llava_sam2/hf/models/modeling_earthmind_chat.py``, lines 572-574): per tile, the SAR tokens then
+  the optical tokens, nothing gated;
+* :meth:`RemoteEarthMind.training_gate`, the training class's gating (``InternVL_Slowfast._llm_forward`` in
+  ``projects/llava_sam2/models/internvl.py``, lines 551-617): concatenate, split in halves, expand the queries,
+  multiply, sum over the width, then over the queries, sigmoid, reweight, concatenate. No scaling: its
+  ``2048 ** -0.5`` is commented out (line 107), and ``local_query`` is drawn as ``torch.randn(2, 2048)``
+  (line 104; ``modeling_earthmind_chat.py`` line 116).
 """
 
 from __future__ import annotations
@@ -129,7 +138,7 @@ def remote_pixel_shuffle(x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
 
 
 class RemoteEarthMind(nn.Module):
-    """The image side of the remote ``Sa2VAChatModel`` with EarthMind's gating."""
+    """The image side of the remote ``Sa2VAChatModel``, with EarthMind's two ways of combining SAR and optical."""
 
     def __init__(self, vision_cfg: dict, llm_hidden: int, select_layer: int = -1) -> None:
         super().__init__()
@@ -139,7 +148,7 @@ class RemoteEarthMind(nn.Module):
         self.mlp1 = nn.Sequential(
             nn.LayerNorm(width), nn.Linear(width, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden)
         )
-        self.local_query = nn.Parameter(torch.randn(2, llm_hidden) * llm_hidden**-0.5)
+        self.local_query = nn.Parameter(torch.randn(2, llm_hidden))  # as released: N(0, 1), not scaled
 
     def extract_feature(self, pixels: torch.Tensor) -> torch.Tensor:
         embeds = self.vision_model.hidden_states(pixels)[self.select_layer][:, 1:, :]
@@ -147,15 +156,20 @@ class RemoteEarthMind(nn.Module):
         embeds = remote_pixel_shuffle(embeds.reshape(embeds.shape[0], side, side, -1))
         return self.mlp1(embeds.reshape(embeds.shape[0], -1, embeds.shape[-1]))
 
-    def fuse(
+    def generate_multi_tokens(self, sar_pixels: torch.Tensor, rgb_pixels: torch.Tensor) -> torch.Tensor:
+        """The released inference: LLM image tokens ``[tiles, 2N, D]``, per tile the SAR tokens then the RGB ones."""
+        return torch.cat([self.extract_feature(sar_pixels), self.extract_feature(rgb_pixels)], dim=1)
+
+    def training_gate(
         self, sar_pixels: torch.Tensor, rgb_pixels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (LLM image tokens [B, 2N, D], SAR importance [B, N], RGB importance [B, N])."""
-        sar, rgb = self.extract_feature(sar_pixels), self.extract_feature(rgb_pixels)
-        batch = sar.shape[0]
+        """The training class's gating: (LLM image tokens [B, 2N, D], SAR importance [B, N], RGB importance [B, N])."""
+        tokens = torch.cat([self.extract_feature(sar_pixels), self.extract_feature(rgb_pixels)], dim=1)
+        batch, total, _ = tokens.shape
+        sar, rgb = tokens[:, : total // 2, :], tokens[:, total // 2 :, :]
         query = self.local_query.unsqueeze(0).unsqueeze(2).expand(batch, -1, -1, -1)  # (B, 2, 1, D)
-        sar_importance = torch.sigmoid((rgb.unsqueeze(1) * (query * sar.unsqueeze(1))).sum(-1).sum(1))
-        rgb_importance = torch.sigmoid((sar.unsqueeze(1) * (query * rgb.unsqueeze(1))).sum(-1).sum(1))
+        sar_importance = torch.sigmoid((rgb.unsqueeze(1) * (query * sar.unsqueeze(1))).sum(dim=-1).sum(dim=1))
+        rgb_importance = torch.sigmoid((sar.unsqueeze(1) * (query * rgb.unsqueeze(1))).sum(dim=-1).sum(dim=1))
         tokens = torch.cat([sar * sar_importance.unsqueeze(-1), rgb * rgb_importance.unsqueeze(-1)], dim=1)
         return tokens, sar_importance, rgb_importance
 

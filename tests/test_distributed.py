@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,31 +33,39 @@ def _loss(features) -> torch.Tensor:
     return sum(f.pow(2).mean() for f in features)
 
 
-def _worker(rank: int, world: int, name: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, names: list[str], out_dir: str) -> None:
     # a file rendezvous: no port to pick, so no race with other processes for a free one
     rendezvous = f"file://{os.path.join(out_dir, 'rendezvous')}"
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     try:
-        model = torch.nn.parallel.DistributedDataParallel(_model(name), find_unused_parameters=False)
-        shard = _batch(name).chunk(world)[rank]
-        _loss(model(shard)).backward()
-        grads = {n: p.grad.clone() for n, p in model.module.named_parameters() if p.grad is not None}
-        torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+        for name in names:  # one process group for every backbone: each spawned process starts cold (~15 s)
+            model = torch.nn.parallel.DistributedDataParallel(_model(name), find_unused_parameters=False)
+            shard = _batch(name).chunk(world)[rank]
+            _loss(model(shard)).backward()
+            grads = {n: p.grad.clone() for n, p in model.module.named_parameters() if p.grad is not None}
+            torch.save(grads, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def ddp_gradients(tmp_path_factory) -> Path:
+    """One two-process DDP run (gloo, CPU) over every backbone of :data:`TECHNIQUE`; the gradients per rank."""
+    out_dir = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, list(TECHNIQUE), str(out_dir)), nprocs=2, join=True)
+    return out_dir
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("name", ["internvl2_5_4b", pytest.param("granite_4_tiny", marks=pytest.mark.slow)])
-def test_ddp_two_processes_match_one_process(name, tmp_path):
-    mp.spawn(_worker, args=(2, name, str(tmp_path)), nprocs=2, join=True)
+def test_ddp_two_processes_match_one_process(name, ddp_gradients):
     model = _model(name)
     halves = _batch(name).chunk(2)
     # DDP averages the gradients of the two halves: the same as the mean of the two half-batch losses
     (0.5 * (_loss(model(halves[0])) + _loss(model(halves[1])))).backward()
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.load(ddp_gradients / f"{name}_rank{rank}.pt")
         assert set(got) == set(expected) and len(got) > 0
         for n, g in got.items():
             torch.testing.assert_close(g, expected[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from upstream_bugs import TERRATORCH_PREDICT_NEEDS_CLASS_FOLDERS
 
 from earthmind_compat.recipes import recommend
 from earthmind_compat.synthetic import (
@@ -110,6 +111,7 @@ def test_forest_disturbance_segmentation_fit_test_predict(workdir, monkeypatch):
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@TERRATORCH_PREDICT_NEEDS_CLASS_FOLDERS.mark
 def test_disturbance_classification_fit_test_predict(workdir, monkeypatch):
     metrics, out = fit_test_predict(
         workdir, "disturbance_classification.yaml", "disturbance_classification", monkeypatch

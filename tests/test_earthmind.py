@@ -1,4 +1,4 @@
-"""earthmind_v1: SAR + optical input conventions, gating, shapes, errors, presets and a training step."""
+"""earthmind_v1: SAR + optical input conventions, fusion, shapes, errors, presets and a training step."""
 
 from __future__ import annotations
 
@@ -122,14 +122,20 @@ def test_factory_segmentation_with_sar_and_optical(stacked):
     with_projector=st.booleans(),
     keep_cls=st.booleans(),
     fused=st.booleans(),
+    gated=st.booleans(),
 )
 def test_shapes_agree_with_out_channels(
-    sar_bands, optical_bands, rows, cols, out_indices, with_projector, keep_cls, fused
+    sar_bands, optical_bands, rows, cols, out_indices, with_projector, keep_cls, fused, gated
 ):
     keep_cls = keep_cls and not with_projector
     modalities = {"sar": sar_bands, "optical": optical_bands} if fused else {"optical": optical_bands}
+    fusion = "gate" if gated and fused and with_projector else "concat"
     model = build(
-        modalities=modalities, out_indices=out_indices, with_projector=with_projector, keep_cls_token=keep_cls
+        modalities=modalities,
+        out_indices=out_indices,
+        with_projector=with_projector,
+        keep_cls_token=keep_cls,
+        fusion=fusion,
     )
     height, width = 28 * rows, 28 * cols  # even token grids
     inputs = {name: torch.randn(1, c, height, width) for name, c in modalities.items()}
@@ -143,20 +149,32 @@ def test_shapes_agree_with_out_channels(
     assert model.out_channels[0] == 32 * len(modalities)
 
 
-# -- gating -------------------------------------------------------------------------------------------------
+# -- fusion: "concat" (the release's inference, default) and "gate" (the training-time gating, opt-in) --------
+
+
+@pytest.mark.numerics
+def test_default_fusion_hands_on_the_projected_tokens_unchanged():
+    model = build(modalities={"S1GRD": 3, "S2L2A": 3}, with_projector=True)
+    assert model.fusion_mode == "concat"
+    with torch.no_grad():
+        output = model.forward_modalities(sar_optical(channels=(3, 3)))
+    sar, optical = output.projected["S1GRD"], output.projected["S2L2A"]
+    assert output.fusion.gates is None
+    assert torch.equal(output.sequence(), torch.cat([sar, optical], dim=1))  # per image: SAR then optical
+    assert torch.equal(model.features(output)[-1], torch.cat([sar, optical], dim=-1))  # per position
 
 
 @pytest.mark.numerics
 @given(seed=st.integers(0, 2**16), scale=st.floats(0.1, 3.0), size=st.sampled_from([28, 56, 84]))
 def test_gates_lie_strictly_between_zero_and_one(seed, scale, size):
-    model = build(modalities={"sar": 2, "optical": 3}, with_projector=True)
+    model = build(modalities={"sar": 2, "optical": 3}, with_projector=True, fusion="gate")
     generator = torch.Generator().manual_seed(seed)
     inputs = {n: scale * torch.randn(2, c, size, size, generator=generator) for n, c in (("sar", 2), ("optical", 3))}
     with torch.no_grad():
         output = model.forward_modalities(inputs)
     sar, optical = output.projected["sar"], output.projected["optical"]
     for gate, tokens, other, gated in zip(
-        output.fusion.gates, (sar, optical), (optical, sar), output.fusion.gated, strict=True
+        output.fusion.gates, (sar, optical), (optical, sar), output.fusion.tokens, strict=True
     ):
         assert gate.shape == tokens.shape[:2]
         assert bool(((gate > 0) & (gate < 1)).all()), (gate.min(), gate.max())
@@ -169,8 +187,9 @@ def test_gates_lie_strictly_between_zero_and_one(seed, scale, size):
 
 
 @pytest.mark.numerics
-def test_swapping_sar_and_optical_changes_the_output():
-    model = build(modalities={"sar": 3, "optical": 3}, with_projector=True)
+@pytest.mark.parametrize("fusion", ["concat", "gate"])
+def test_swapping_sar_and_optical_changes_the_output(fusion):
+    model = build(modalities={"sar": 3, "optical": 3}, with_projector=True, fusion=fusion)
     # one patch kernel for both (as in the release), so only the model's treatment of the roles can differ
     model.aux_patch_embeddings.load_state_dict(model.model.embeddings.patch_embeddings.state_dict())
     inputs = sar_optical(channels=(3, 3))
@@ -184,7 +203,7 @@ def test_swapping_sar_and_optical_changes_the_output():
 
 @pytest.mark.numerics
 def test_gating_changes_the_projected_tokens():
-    model = build(modalities={"S1GRD": 3, "S2L2A": 3}, with_projector=True)
+    model = build(modalities={"S1GRD": 3, "S2L2A": 3}, with_projector=True, fusion="gate")
     with torch.no_grad():
         output = model.forward_modalities(sar_optical(channels=(3, 3)))
         ungated = torch.cat([output.projected["S1GRD"], output.projected["S2L2A"]], dim=-1)
@@ -241,6 +260,11 @@ def test_bad_multimodal_input_is_a_clear_error(inputs, message):
         ({"modalities": {"a": ["B1"], "b": ["B1", "B2"]}, "bands": ["B1", "B2", "B3"]}, "share band names"),
         ({"with_projector": True, "keep_cls_token": True}, "keep_cls_token=False"),
         ({"modality": SAR_OPTICAL}, "Did you mean 'modalities'"),
+        ({"fusion": 1}, r"fusion must be a string.*got 1 \(int\).*'concat'.*'gate'"),
+        ({"fusion": None}, r"fusion must be a string.*got None.*'concat'.*'gate'"),
+        ({"fusion": "gated"}, r"Unknown fusion 'gated'. Did you mean 'gate'\?.*'concat'.*'gate'"),
+        ({"fusion": "gate", "modalities": SAR_OPTICAL}, "needs with_projector=True and two modalities"),
+        ({"fusion": "gate", "with_projector": True, "in_chans": 3}, "needs with_projector=True and two modalities"),
     ],
 )
 def test_bad_configuration_is_a_clear_error_through_the_registry(kwargs, message):
@@ -281,12 +305,16 @@ def test_full_preset_matches_published_sizes():
                 tie_word_embeddings=False,
             )
         )
+        gated = BACKBONE_REGISTRY.build(
+            "earthmind_v1", preset="full", modalities={"sar": 3, "optical": 3}, with_projector=True, fusion="gate"
+        )
     vision, projector = _count(model.model), _count(model.projector)
     assert abs(vision - 304e6) / 304e6 < 0.01, vision  # InternViT-300M
     assert abs(projector - 12.6e6) / 12.6e6 < 0.01, projector  # 4096 -> 2048 -> 2048
-    assert _count(model.gate) == 2 * 2048  # local_query
+    assert _count(model.gate) == 0 and model.gate.local_query.shape == (2, 2048)  # kept, unused, as a buffer
+    assert _count(gated.gate) == 2 * 2048  # local_query, trainable with fusion="gate"
     assert _count(model.aux_patch_embeddings) == 1024 * 3 * 14 * 14 + 1024  # the optical copy of the kernel
-    image_side = vision + projector + _count(model.gate)
+    image_side = vision + projector  # InternVL2.5-4B has no local_query
     assert abs(image_side + _count(language_model) - 3.71e9) / 3.71e9 < 0.01  # InternVL2.5-4B: about 3.71 B
     assert model.out_channels == [2 * 1024] * 4 + [2 * 2048]
 
@@ -295,28 +323,33 @@ def test_full_preset_matches_published_sizes():
 
 
 @pytest.mark.e2e
-def test_one_training_step_of_a_segmentation_task_on_sar_and_optical():
+@pytest.mark.parametrize("fusion", ["concat", "gate"])
+def test_one_training_step_of_a_segmentation_task_on_sar_and_optical(fusion, tmp_path):
     import lightning.pytorch as pl
     from terratorch.tasks import SemanticSegmentationTask
     from torch.utils.data import DataLoader
 
-    torch.manual_seed(0)
-    task = SemanticSegmentationTask(
-        model_factory="EncoderDecoderFactory",
-        model_args={
-            "backbone": "earthmind_v1",
-            "backbone_preset": "tiny",
-            "backbone_modalities": SAR_OPTICAL,
-            "backbone_with_projector": True,
-            "necks": [{"name": "ReshapeTokensToImage", "remove_cls_token": False}],
-            "decoder": "UperNetDecoder",
-            "decoder_channels": 16,
-            "num_classes": 2,
-        },
-        loss="ce",
-        ignore_index=-1,
-        lr=1e-3,
-    )
+    def segmentation_task(fusion: str, seed: int) -> SemanticSegmentationTask:
+        torch.manual_seed(seed)
+        return SemanticSegmentationTask(
+            model_factory="EncoderDecoderFactory",
+            model_args={
+                "backbone": "earthmind_v1",
+                "backbone_preset": "tiny",
+                "backbone_modalities": SAR_OPTICAL,
+                "backbone_with_projector": True,
+                "backbone_fusion": fusion,
+                "necks": [{"name": "ReshapeTokensToImage", "remove_cls_token": False}],
+                "decoder": "UperNetDecoder",
+                "decoder_channels": 16,
+                "num_classes": 2,
+            },
+            loss="ce",
+            ignore_index=-1,
+            lr=1e-3,
+        )
+
+    task = segmentation_task(fusion, seed=0)
     generator = torch.Generator().manual_seed(0)
     samples = [
         {
@@ -343,4 +376,20 @@ def test_one_training_step_of_a_segmentation_task_on_sar_and_optical():
     after = dict(task.model.encoder.named_parameters())
     unchanged = [n for n in before if torch.equal(before[n], after[n])]
     assert not unchanged, f"not updated by the step: {unchanged}"
-    assert "gate.local_query" in before and "aux_patch_embeddings.projection.weight" in before
+    assert "aux_patch_embeddings.projection.weight" in before
+    # trained with the gate; with "concat" kept (in the state dict, for checkpoints) but not a parameter
+    assert ("gate.local_query" in before) == (fusion == "gate")
+    assert "gate.local_query" in task.model.encoder.state_dict()
+
+    # the Lightning checkpoint reloads strictly into a fresh task of the same mode (same outputs) and of the other
+    trainer.save_checkpoint(tmp_path / "step.ckpt")
+    state = torch.load(tmp_path / "step.ckpt", weights_only=True)["state_dict"]
+    batch = {name: torch.stack([s["image"][name] for s in samples]) for name in SAR_OPTICAL}
+    task.eval()
+    for mode in ("concat", "gate"):
+        fresh = segmentation_task(mode, seed=1).eval()
+        fresh.load_state_dict(state, strict=True)
+        assert torch.equal(fresh.model.encoder.gate.local_query, task.model.encoder.gate.local_query)
+        if mode == fusion:
+            with torch.no_grad():
+                assert torch.equal(fresh.model(batch).output, task.model(batch).output)

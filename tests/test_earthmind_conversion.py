@@ -15,9 +15,12 @@ from earthmind_reference import TINY_VISION, TINY_VISION_QK_NORM, write_remote_c
 from safetensors.torch import load_file, save_file
 from terratorch.registry import BACKBONE_REGISTRY
 
+from earthmind_compat import weights
 from earthmind_compat.backbones import convert
-from earthmind_compat.backbones.convert import KEY_RULES, convert_checkpoint, open_remote_checkpoint, remote_settings
-from earthmind_compat.errors import WeightsError
+from earthmind_compat.backbones.convert import KEY_RULES, convert_checkpoint, remote_settings
+from earthmind_compat.backbones.earthmind import earthmind_checkpoint_parts
+from earthmind_compat.backbones.loader import LAYOUTS, expected_shapes
+from earthmind_compat.errors import UnsafeCheckpointError, WeightsError
 
 pytestmark = pytest.mark.registry
 VISION = {"layer_norm": TINY_VISION, "qk_norm": TINY_VISION_QK_NORM}
@@ -44,15 +47,14 @@ def test_converted_forward_equals_the_original_layout(remote, size):
     sar, optical = (torch.randn(2, 3, size, size, generator=generator) for _ in range(2))
     with torch.no_grad():
         ours = model.forward_modalities({"sar": sar, "optical": optical})
-        tokens, sar_gate, optical_gate = reference.fuse(sar, optical)
+        tokens = reference.generate_multi_tokens(sar, optical)  # the release's inference (fusion="concat")
         states = reference.vision_model.hidden_states(optical)
     assert (ours.sequence() - tokens).abs().max() <= 1e-5
-    assert (ours.fusion.gates[0] - sar_gate).abs().max() <= 1e-5
-    assert (ours.fusion.gates[1] - optical_gate).abs().max() <= 1e-5
+    assert ours.fusion.gates is None
     for layer, feature in zip([0, 1, 2], ours.layers["optical"], strict=True):
         assert (feature - states[layer + 1][:, 1:]).abs().max() <= 1e-5
     grid = model.features(ours)[-1]  # the TerraTorch feature holds the same values per position
-    assert torch.equal(grid, torch.cat(ours.fusion.gated, dim=-1))
+    assert torch.equal(grid, torch.cat(ours.fusion.tokens, dim=-1))
 
 
 def test_select_layer_picks_the_projected_layer(tmp_path):
@@ -61,18 +63,19 @@ def test_select_layer_picks_the_projected_layer(tmp_path):
     assert model.projector_layer == 1
     x = {"sar": torch.randn(1, 3, 56, 56), "optical": torch.randn(1, 3, 56, 56)}
     with torch.no_grad():
-        assert (model.forward_modalities(x).sequence() - reference.fuse(*x.values())[0]).abs().max() <= 1e-5
+        expected = reference.generate_multi_tokens(*x.values())
+        assert (model.forward_modalities(x).sequence() - expected).abs().max() <= 1e-5
 
 
-def test_swapping_exchanges_halves_because_the_released_gate_is_symmetric(remote):
+def test_swapping_exchanges_halves_because_the_training_gate_is_symmetric(remote):
     """With the released weights both modalities share one kernel; the gate form is symmetric in the two."""
-    model = converted(remote[0])
+    model = converted(remote[0], fusion="gate")
     a, b = torch.randn(1, 3, 56, 56), torch.randn(1, 3, 56, 56)
     with torch.no_grad():
         straight = model.forward_modalities({"sar": a, "optical": b}).fusion
         swapped = model.forward_modalities({"sar": b, "optical": a}).fusion
     assert torch.allclose(straight.gates[0], straight.gates[1], atol=1e-6)
-    assert torch.allclose(straight.gated[0], swapped.gated[1], atol=1e-6)
+    assert torch.allclose(straight.tokens[0], swapped.tokens[1], atol=1e-6)
     assert not torch.allclose(straight.sequence(), swapped.sequence(), atol=1e-4)
 
 
@@ -82,7 +85,7 @@ def test_named_bands_reuse_the_released_kernel(remote):
     vv, rgb = torch.randn(1, 1, 56, 56), torch.randn(1, 3, 56, 56)
     with torch.no_grad():
         ours = model.forward_modalities({"S1GRD": vv, "S2L2A": rgb.flip(1)})  # the datamodule gives B, G, R
-        tokens = reference.fuse(vv.repeat(1, 3, 1, 1), rgb)[0]  # EarthMind saw SAR as a grey RGB image
+        tokens = reference.generate_multi_tokens(vv.repeat(1, 3, 1, 1), rgb)  # EarthMind saw SAR as grey RGB
     assert (ours.sequence() - tokens).abs().max() <= 1e-5
 
 
@@ -98,21 +101,26 @@ def test_without_projector_only_the_tower_is_kept(remote):
 # -- strictness of the key map ------------------------------------------------------------------------------
 
 
+def _expected(settings):
+    return expected_shapes(earthmind_checkpoint_parts, settings.vision, LAYOUTS["sa2va_chat"].parts)
+
+
 @pytest.fixture(scope="module")
 def both_checkpoints(tmp_path_factory):
     out = []
     for name, vision in sorted(VISION.items()):
         directory = tmp_path_factory.mktemp(f"strict_{name}")
         write_remote_checkpoint(directory, vision)
-        checkpoint = open_remote_checkpoint(directory)
-        out.append((checkpoint, remote_settings(checkpoint.config, directory)))
+        config = json.loads((directory / "config.json").read_text())
+        checkpoint = weights.CheckpointFiles(directory, config=config)
+        out.append((checkpoint, _expected(remote_settings(config, directory))))
     return out
 
 
 def test_full_key_map_consumes_every_tensor_and_fills_every_parameter(both_checkpoints):
-    for checkpoint, settings in both_checkpoints:
-        state = convert_checkpoint(checkpoint, settings)
-        assert set(state) == set(convert.native_shapes(settings))
+    for checkpoint, expected in both_checkpoints:
+        state = convert_checkpoint(checkpoint, expected)
+        assert set(state) == set(expected)
         plan = convert.plan_keys(checkpoint.keys)
         assert not plan.unmatched
         assert {k.split(".")[0] for k in plan.skipped} == {"language_model", "grounding_encoder", "text_hidden_fcs"}
@@ -122,9 +130,9 @@ def test_full_key_map_consumes_every_tensor_and_fills_every_parameter(both_check
 def test_removing_any_single_rule_fails_the_conversion(both_checkpoints, removed):
     rules = KEY_RULES[:removed] + KEY_RULES[removed + 1 :]
     failures = []
-    for checkpoint, settings in both_checkpoints:
+    for checkpoint, expected in both_checkpoints:
         try:
-            convert_checkpoint(checkpoint, settings, rules)
+            convert_checkpoint(checkpoint, expected, rules)
         except WeightsError as error:
             failures.append(str(error))
     assert failures, f"dropping rule {KEY_RULES[removed].pattern!r} went unnoticed"
@@ -161,17 +169,33 @@ def _rewrite(directory, tmp_path, edit_tensors=None, edit_config=None):
         (None, lambda c: c["vision_config"].update(qkv_bias=False), r"unexpected \[.*attn\.qkv\.bias"),
         (None, lambda c: c["vision_config"].update(num_hidden_layers=2), r"unexpected \[.*layers\.2\."),
         (None, lambda c: c["vision_config"].update(num_hidden_layers=4), r"missing \[.*layer\.3\."),
-        (None, lambda c: c["llm_config"].update(hidden_size=16), "wrong shape"),
+        (None, lambda c: c["llm_config"].update(hidden_size=16), r"mlp1\.3\.weight -> projector\.linear_2\.weight"),
         (None, lambda c: c.update(ps_version="v1"), "ps_version"),
-        (None, lambda c: c.update(model_type="internvl_chat"), "expected EarthMind's released format"),
+        (None, lambda c: c.update(model_type="internvl_chat"), r"holds no cross-modal gate"),
+        (None, lambda c: c.update(model_type="qwen2_vl"), "UnsafeCheckpointError"),
         (None, lambda c: c.pop("vision_config"), "no 'vision_config'"),
     ],
-    ids=["missing", "unexpected", "qkv-bias-trap", "fewer-layers", "more-layers", "shape", "ps-v1", "type", "config"],
+    ids=[
+        "missing",
+        "unexpected",
+        "qkv-bias-trap",
+        "fewer-layers",
+        "more-layers",
+        "shape",
+        "ps-v1",
+        "internvl-type-with-sam2",
+        "other-type-with-remote-code",
+        "config",
+    ],
 )
 def test_mismatched_checkpoints_are_refused_with_the_keys(tmp_path, edit_tensors, edit_config, message):
     directory = tmp_path / "original"
     write_remote_checkpoint(directory, TINY_VISION)
     edited = _rewrite(directory, tmp_path, edit_tensors, edit_config)
+    if message == "UnsafeCheckpointError":  # auto_map of a model type that is not read as data: never run
+        with pytest.raises(UnsafeCheckpointError, match="never sets trust_remote_code"):
+            converted(edited)
+        return
     with pytest.raises(WeightsError, match=message):
         converted(edited)
 
@@ -184,14 +208,14 @@ def test_no_remote_code_runs_and_the_language_model_is_not_read(tmp_path, monkey
     (directory / "configuration_earthmind_chat.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     (directory / "modeling_earthmind_chat.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     requested: list[str] = []
-    original = convert.RemoteCheckpoint.load
+    original = weights.CheckpointFiles.load
 
     def spy(self, keys):
         keys = list(keys)
         requested.extend(keys)
         return original(self, keys)
 
-    monkeypatch.setattr(convert.RemoteCheckpoint, "load", spy)
+    monkeypatch.setattr(weights.CheckpointFiles, "load", spy)
     converted(directory)
     assert not marker.exists()
     assert requested and not [k for k in requested if not k.startswith(("vision_model.", "mlp1.", "local_query"))]

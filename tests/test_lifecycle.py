@@ -3,7 +3,7 @@
 ``fit`` writes a real Lightning checkpoint; ``test`` and ``predict`` load it with ``ckpt_path`` into a freshly
 built task (different random initialisation) and must compute exactly what the model in memory computed; a
 second ``fit`` resumes from it. Every backbone x {none, int8, nf4+dq, qlora+ckpt} at the tiny preset, on one
-shared synthetic GeoTIFF dataset, two batches per epoch. The same journey through the real command lines is in
+shared synthetic GeoTIFF dataset, one training batch per epoch. The same journey through the real command lines is in
 ``tests/test_lifecycle_cli.py``.
 """
 
@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from earthmind_compat.backbones.state_match import CheckpointMismatchError
 from earthmind_compat.recipes import recommend
@@ -28,7 +29,7 @@ TILE = 56
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle") / "forest"
-    return write_disturbance_dataset(root, {"train": 4, "val": 2, "test": 2, "predict": 2}, size=TILE, seed=5)
+    return write_disturbance_dataset(root, {"train": 2, "val": 2, "test": 2, "predict": 2}, size=TILE, seed=5)
 
 
 def datamodule(root):
@@ -96,6 +97,16 @@ def outputs(module, x: torch.Tensor) -> torch.Tensor:
         return module.model(x).output
 
 
+class BatchCounter(Callback):
+    """Counts the training batches that one ``fit`` runs."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        self.count += 1
+
+
 @pytest.fixture
 def quiet():
     with warnings.catch_warnings():
@@ -147,11 +158,14 @@ def test_fit_test_predict_resume(backbone, technique, dataset, tmp_path, quiet, 
     assert len(names) == 2
     assert torch.equal(outputs(predicted, x), expected)
 
-    # resume: the epoch counter and optimizer state come back, and training goes on
+    # resume: the epoch counter and optimizer state come back, and training goes on for the one epoch left
+    # (a fit that ignored the checkpoint would also end at epoch 2, but after training two epochs here)
     resumed = task(backbone, technique, seed=3)
-    second = trainer(tmp_path, epochs=2, limit_val_batches=1)
+    batches = BatchCounter()
+    second = trainer(tmp_path, epochs=2, limit_val_batches=1, callbacks=[batches])
     second.fit(resumed, datamodule=data, ckpt_path=checkpoint)
     assert second.current_epoch == 2 and second.global_step == 2 * first.global_step
+    assert batches.count == first.global_step, f"{batches.count} batches trained after resuming"
     trained = [p for p in resumed.parameters() if p.requires_grad]
     assert trained, "a fine-tune must train something"
     assert not torch.equal(outputs(resumed, x), expected), "the resumed epoch must change the model"

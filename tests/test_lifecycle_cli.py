@@ -100,7 +100,7 @@ def workdir(tmp_path_factory):
     (directory / "custom_modules").mkdir()
     (directory / "custom_modules" / "__init__.py").write_text("import earthmind_compat\n")
     write_disturbance_dataset(
-        directory / "data", {"train": 4, "val": 2, "test": 2, "predict": 2}, size=(HEIGHT, WIDTH), seed=9
+        directory / "data", {"train": 2, "val": 2, "test": 2, "predict": 2}, size=(HEIGHT, WIDTH), seed=9
     )
     return directory
 

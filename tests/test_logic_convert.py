@@ -2,7 +2,7 @@
 
 The expected native names are written out one by one from the transformers InternVL / our gate layout, not
 derived from the rules. ``convert_checkpoint`` runs on an in-memory checkpoint with fixed native shapes (the
-real meta-device shapes and files are tests/test_earthmind_conversion.py).
+real meta-device shapes and files are tests/test_earthmind_conversion.py and tests/test_loader.py).
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ def test_a_key_matching_two_rules_is_an_error_of_the_map() -> None:
 
 def test_is_remote_config() -> None:
     assert convert.is_remote_config({"model_type": "sa2va_chat"}) is True
+    assert convert.is_remote_config({"model_type": "internvl_chat"}) is True
     assert convert.is_remote_config({"model_type": "internvl"}) is False
     assert convert.is_remote_config({}) is False
 
@@ -150,21 +151,29 @@ def _checkpoint(tensors: dict[str, torch.Tensor], extra_keys: tuple[str, ...] = 
         loaded.append(wanted)
         return {k: v for k, v in tensors.items() if k in wanted}
 
-    return SimpleNamespace(directory=Path("/ckpt"), keys=[*tensors, *extra_keys], load=load, loaded=loaded)
+    def shapes(keys: object) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(tensors[k].shape) for k in keys}
+
+    return SimpleNamespace(
+        directory=Path("/ckpt"),
+        config={"model_type": "sa2va_chat"},
+        keys=[*tensors, *extra_keys],
+        load=load,
+        shapes=shapes,
+        loaded=loaded,
+    )
 
 
 @pytest.fixture
-def shapes(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Size]:
-    expected = dict(SHAPES)
-    monkeypatch.setattr(convert, "native_shapes", lambda settings: expected)
-    return expected
+def shapes() -> dict[str, torch.Size]:
+    return dict(SHAPES)
 
 
 def test_convert_renames_and_splits(shapes: dict) -> None:
     qkv = torch.arange(12.0).reshape(6, 2)
     bias = torch.tensor([1.0, 2.0, 3.0])
     checkpoint = _checkpoint({QKV0: qkv, "mlp1.1.bias": bias}, extra_keys=("language_model.lm_head.weight",))
-    out = convert.convert_checkpoint(checkpoint, settings=None)
+    out = convert.convert_checkpoint(checkpoint, shapes)
     assert sorted(out) == sorted(SHAPES)
     assert torch.equal(out[LAYER + "q_proj.weight"], torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
     assert torch.equal(out[LAYER + "k_proj.weight"], torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
@@ -173,20 +182,25 @@ def test_convert_renames_and_splits(shapes: dict) -> None:
     assert checkpoint.loaded == [{QKV0, "mlp1.1.bias"}]  # the language model is never read
 
 
-def _message(checkpoint: SimpleNamespace) -> str:
+def _message(checkpoint: SimpleNamespace, expected: dict = SHAPES) -> str:
     with pytest.raises(WeightsError) as info:
-        convert.convert_checkpoint(checkpoint, settings=None)
+        convert.convert_checkpoint(checkpoint, expected)
     return str(info.value)
 
 
-CLEANLY = "The EarthMind checkpoint in /ckpt does not convert cleanly: "
+CLEANLY = "The sa2va_chat checkpoint in /ckpt does not convert cleanly: "
+WRONG = "The sa2va_chat checkpoint in /ckpt has tensors of another shape than the model built from its config.json: "
+FIX = (
+    ". config.json does not describe these tensors (a dimension it leaves out takes the released code's default); "
+    "fix config.json or pass the directory it was saved with."
+)
 ADVICE = ". Is it a complete sa2va_chat checkpoint whose config matches its tensors?"
 
 
 def test_missing_native_tensors_are_listed(shapes: dict) -> None:
     shapes["gate.local_query"] = torch.Size([4])
     checkpoint = _checkpoint({QKV0: torch.zeros(6, 2), "mlp1.1.bias": torch.zeros(3)})
-    assert _message(checkpoint) == CLEANLY + "missing ['gate.local_query']" + ADVICE
+    assert _message(checkpoint, shapes) == CLEANLY + "missing ['gate.local_query']" + ADVICE
     assert checkpoint.loaded == []  # refused before any tensor is read
 
 
@@ -196,7 +210,7 @@ def test_unmatched_and_surplus_remote_tensors_are_listed(shapes: dict) -> None:
         "mlp1.1.bias": torch.zeros(3),
         "vision_model.encoder.layers.5.ls1": torch.zeros(2),
     }
-    assert _message(_checkpoint(tensors, extra_keys=("foo",))) == (
+    assert _message(_checkpoint(tensors, extra_keys=("foo",)), shapes) == (
         CLEANLY + "unexpected ['foo', 'vision_model.encoder.layers.5.ls1']" + ADVICE
     )
 
@@ -204,7 +218,9 @@ def test_unmatched_and_surplus_remote_tensors_are_listed(shapes: dict) -> None:
 def test_missing_and_unexpected_together(shapes: dict) -> None:
     shapes["gate.local_query"] = torch.Size([4])
     checkpoint = _checkpoint({QKV0: torch.zeros(6, 2), "mlp1.1.bias": torch.zeros(3)}, extra_keys=("mlp1.2.weight",))
-    assert _message(checkpoint) == CLEANLY + "missing ['gate.local_query']; unexpected ['mlp1.2.weight']" + ADVICE
+    assert (
+        _message(checkpoint, shapes) == CLEANLY + "missing ['gate.local_query']; unexpected ['mlp1.2.weight']" + ADVICE
+    )
 
 
 def test_long_listings_are_cut_at_twelve(shapes: dict) -> None:
@@ -216,39 +232,43 @@ def test_long_listings_are_cut_at_twelve(shapes: dict) -> None:
     assert message == CLEANLY + f"unexpected {list(twelve)}" + ADVICE
 
 
-def test_wrong_shapes_are_listed_sorted(shapes: dict) -> None:
+def test_wrong_shapes_are_listed_sorted_before_any_tensor_is_read(shapes: dict) -> None:
     checkpoint = _checkpoint({QKV0: torch.zeros(5, 2), "mlp1.1.bias": torch.zeros(4)})
-    assert _message(checkpoint) == (
-        "The EarthMind checkpoint in /ckpt has tensors of the wrong shape for its config: "
-        "['mlp1.1.bias -> projector.linear_1.bias: (4,) vs (3,)'"
+    assert _message(checkpoint, shapes) == (
+        WRONG
+        + "['mlp1.1.bias -> projector.linear_1.bias: (4,) vs (3,)'"
         + f", '{QKV0}: (5, 2) does not split into 3'" * 3  # once per chunk it should have given
-        + "]."
+        + "]"
+        + FIX
     )
+    assert checkpoint.loaded == []  # the headers told: nothing was read
     checkpoint = _checkpoint({QKV0: torch.zeros(6, 3), "mlp1.1.bias": torch.zeros(3)})
-    message = _message(checkpoint)
-    assert message.startswith(
-        f"The EarthMind checkpoint in /ckpt has tensors of the wrong shape for its config: ['{QKV0} -> {LAYER}"
-    )
+    message = _message(checkpoint, shapes)
+    assert message.startswith(WRONG + f"['{QKV0} -> {LAYER}")
     assert message.count("(2, 3) vs (2, 2)") == 3
 
 
-def test_more_than_five_wrong_shapes_are_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_more_than_five_wrong_shapes_are_cut() -> None:
     expected = {f"vision_tower.encoder.layer.{i}.lambda_1": torch.Size([2]) for i in range(6)}
-    monkeypatch.setattr(convert, "native_shapes", lambda settings: expected)
     tensors = {f"vision_model.encoder.layers.{i}.ls1": torch.zeros(3) for i in range(6)}
-    message = _message(_checkpoint(tensors))
+    message = _message(_checkpoint(tensors), expected)
     wrong = sorted(
         f"vision_model.encoder.layers.{i}.ls1 -> vision_tower.encoder.layer.{i}.lambda_1: (3,) vs (2,)"
         for i in range(6)
     )
-    assert message == (
-        f"The EarthMind checkpoint in /ckpt has tensors of the wrong shape for its config: {wrong[:5]} ... (6 in all)."
-    )
+    assert message == WRONG + f"{wrong[:5]} ... (6 in all)" + FIX
 
 
-def test_a_rule_with_two_targets_splits_in_halves(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(convert, "native_shapes", lambda settings: {"x": torch.Size([2, 2]), "y": torch.Size([2, 2])})
+def test_a_rule_with_two_targets_splits_in_halves() -> None:
+    expected = {"x": torch.Size([2, 2]), "y": torch.Size([2, 2])}
     rules = (convert.KeyRule(r"kv", ("x", "y")),)
-    out = convert.convert_checkpoint(_checkpoint({"kv": torch.arange(8.0).reshape(4, 2)}), settings=None, rules=rules)
+    out = convert.convert_checkpoint(_checkpoint({"kv": torch.arange(8.0).reshape(4, 2)}), expected, rules=rules)
     assert torch.equal(out["x"], torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
     assert torch.equal(out["y"], torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
+
+
+def test_only_the_parts_asked_for_are_read(shapes: dict) -> None:
+    checkpoint = _checkpoint({QKV0: torch.zeros(6, 2), "mlp1.1.bias": torch.zeros(3)})
+    out = convert.convert_checkpoint(checkpoint, shapes, parts={"vision_tower"})
+    assert sorted(out) == sorted(k for k in SHAPES if k.startswith("vision_tower."))
+    assert checkpoint.loaded == [{QKV0}]  # the projector's tensor was planned and checked, never read

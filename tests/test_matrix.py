@@ -63,6 +63,11 @@ def _nox_listing(*args: str) -> list[dict]:
 def test_cells_file_covers_the_required_axes() -> None:
     cells = matrix.load_cells(ROOT / matrix.CELLS_FILE)
     active = matrix.active_cells(cells)
+    assert [c.resolution for c in active].count("highest") == 1, "one latest cell (the weekly workflow runs it)"
+    assert [c.resolution for c in active].count("lowest-direct") == 1, "one cell at the declared floors"
+    for axis in ("peft", "bitsandbytes"):  # named axes: the oldest supported and the newest
+        assert len({getattr(c, axis) for c in active if getattr(c, axis)}) >= 2, axis
+    active = [c for c in active if c.resolution == "pinned"]
     combos = {(c.terratorch, c.torch, c.python) for c in active}
     assert ("1.0.2", "2.7.0", "3.11") in combos  # TerraTorch 1.0.2 with its own torch pin
     assert any(c.terratorch == "1.1.1" for c in active)
@@ -79,6 +84,9 @@ def test_cells_file_covers_the_required_axes() -> None:
     ("snippet", "message"),
     [
         ('id = "a"\npython = "3.11"', "'torch' must be a non-empty string"),
+        ('id = "a"\npython = "3.11"\nresolution = "newest"', "resolution must be one of"),
+        ('id = "a"\npython = "3.11"\nresolution = "highest"\ntorch = "2.7.0"', "resolves its versions"),
+        ('id = "a"\npython="3.11"\ntorch="1"\ntorchvision="1"\nterratorch="1"\ntransformers="1"\npeft=""', "'peft'"),
         ('id = "bad id"\npython="3.11"\ntorch="1"\ntorchvision="1"\nterratorch="1"\ntransformers="1"', "may only use"),
         ('id = "a"\npython="311"\ntorch="1"\ntorchvision="1"\nterratorch="1"\ntransformers="1"', "python must look"),
         (
@@ -96,6 +104,21 @@ def test_malformed_cell_is_rejected(tmp_path: Path, snippet: str, message: str) 
     path.write_text(f"schema = 1\n[[cell]]\n{snippet}\n", encoding="utf-8")
     with pytest.raises(matrix.MatrixError, match=message):
         matrix.load_cells(path)
+
+
+def test_resolved_cells_pin_nothing_and_pass_their_resolution_to_uv(tmp_path: Path) -> None:
+    path = tmp_path / "cells.toml"
+    path.write_text(
+        'schema = 1\n[[cell]]\nid = "new"\npython = "3.12"\nresolution = "highest"\n'
+        '[[cell]]\nid = "low"\npython = "3.11"\nresolution = "lowest-direct"\npins = ["numpy<2"]\n'
+        '[[cell]]\nid = "p"\npython="3.11"\ntorch="2"\ntorchvision="1"\nterratorch="1"\ntransformers="4"\n'
+        'peft="0.15.0"\n',
+        encoding="utf-8",
+    )
+    new, low, pinned = matrix.load_cells(path)
+    assert new.requirements() == [] and new.resolver_options() == ["--upgrade"]
+    assert low.requirements() == ["numpy<2"] and low.resolver_options() == ["--resolution", "lowest-direct"]
+    assert "peft==0.15.0" in pinned.requirements() and "bitsandbytes" not in " ".join(pinned.requirements())
 
 
 def test_duplicate_cell_id_is_rejected(tmp_path: Path) -> None:
@@ -187,6 +210,33 @@ def test_every_nox_session_named_in_a_workflow_exists() -> None:
     assert {"tests", "lint", "render", "gpu_benchmarks"} <= named
 
 
+def test_latest_workflow_runs_the_highest_resolution_cell_weekly_and_reports_failures() -> None:
+    workflow = _workflow("compat-latest.yml")
+    triggers = workflow.get("on", workflow.get(True))  # PyYAML reads a bare `on:` key as True
+    assert set(triggers) == {"schedule", "workflow_dispatch"}
+    (cron,) = (entry["cron"] for entry in triggers["schedule"])
+    assert cron.split()[2:] == ["*", "*", "1"], "weekly"
+    assert workflow["permissions"] == {"contents": "read"}
+    # the cell is found by its resolution, never by a spelled-out id (the drift check above covers this file too)
+    (run,) = (s for s in workflow["jobs"]["latest"]["steps"] if "nox -s" in s.get("run", ""))
+    assert "-m tools.matrix cells --resolution highest" in run["run"] and "compat(cell='$cell')" in run["run"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.matrix", "cells", "--resolution", "highest"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    (cell_id,) = proc.stdout.split()
+    assert f"compat(cell={cell_id!r})" in {e["session"] for e in _nox_listing("-s", "compat")}
+    report = workflow["jobs"]["report"]
+    assert report["needs"] == "latest" and "needs.latest.result == 'failure'" in report["if"]
+    assert report["permissions"] == {"issues": "write"}
+    script = report["steps"][-1]["run"]
+    assert "gh issue list --label compat-latest --state open" in script
+    assert "gh issue comment" in script and "gh issue create" in script
+
+
 def test_gpu_job_runs_on_a_self_hosted_gpu_runner_and_never_on_pull_requests() -> None:
     workflow = _workflow("gpu.yml")
     job = workflow["jobs"]["gpu-benchmarks"]
@@ -205,8 +255,9 @@ def _cell(cell_id: str = "c1", **kw: str) -> object:
     return matrix.Cell(id=cell_id, **fields)
 
 
-def _result(cell: object, *, test_fail: int = 0, check_fail: int = 0) -> dict:
-    layers = {"registry": {"passed": 3, "failed": test_fail, "skipped": 1, "seconds": 1.5}}
+def _result(cell: object, *, test_fail: int = 0, check_fail: int = 0, xfail: int = 0) -> dict:
+    layers = {"registry": {"passed": 3, "failed": test_fail, "skipped": 1, "seconds": 1.5, "xfailed": xfail}}
+    expected = [{"test": "tests/test_x.py::test_b", "reason": "upstream: lib (#1)"}] * xfail
     failures = [{"test": "tests/test_x.py::test_a", "layer": "registry", "message": "boom"}] * test_fail
     rows = [{"backbone": "b", "feature": "forward", "status": "pass", "detail": "ok", "seconds": 0.1}]
     rows += [
@@ -219,7 +270,13 @@ def _result(cell: object, *, test_fail: int = 0, check_fail: int = 0) -> dict:
         versions={"python": "3.11.7", "torch": cell.torch},
         declared={"ok": True},
         install={"ok": True},
-        tests={"exit_code": 1 if test_fail else 0, "detail": "", "layers": layers, "failures": failures},
+        tests={
+            "exit_code": 1 if test_fail else 0,
+            "detail": "",
+            "layers": layers,
+            "failures": failures,
+            "expected": expected,
+        },
         check=check,
         durations={"total": 12.34},
     )
@@ -231,6 +288,68 @@ def test_build_result_status_follows_the_counts() -> None:
     assert _result(cell, test_fail=1)["status"] == "fail"
     assert _result(cell, check_fail=1)["status"] == "fail"
     assert matrix.validate_result(_result(cell, test_fail=1), "c1") == []
+    upstream = _result(cell, xfail=2)
+    assert upstream["status"] == "upstream" and upstream["tests"]["xfailed"] == 2
+    assert matrix.validate_result(upstream, "c1") == []
+    assert _result(cell, xfail=2, test_fail=1)["status"] == "fail"  # ours fails too (or an xfail XPASSed)
+    assert "status is 'pass' but 2 tests failed as expected" in matrix.validate_result({**upstream, "status": "pass"})
+
+
+def test_tested_ranges_come_from_the_passing_results_installed_versions() -> None:
+    low, high, broken = _cell("low"), _cell("high"), _cell("broken")
+    results = {
+        "low": _result(low) | {"versions": {"torch": "2.7.0+cu126", "transformers": "4.52.1"}},
+        "high": _result(high, xfail=1) | {"versions": {"torch": "2.15.0", "transformers": "5.24.0"}},
+        "broken": _result(broken, test_fail=1) | {"versions": {"torch": "2.5.0", "transformers": "6.0.0"}},
+    }
+    ranges = matrix.tested_ranges([low, high, broken], results)
+    assert ranges["torch"] == {"low": "2.7.0", "low_cell": "low", "high": "2.15.0", "high_cell": "high"}
+    assert ranges["transformers"] == {"low": "4.52.1", "low_cell": "low", "high": "5.24.0", "high_cell": "high"}
+    table = matrix.render_table([low, high, broken], results)
+    assert "| transformers | 4.52.1 | `low` | 5.24.0 | `high` |" in table
+
+
+def test_the_package_warns_outside_the_committed_results() -> None:
+    """One source of truth: the package's tested ranges are the ones the committed results prove."""
+    from earthmind_compat import compat
+
+    cells = matrix.load_cells(ROOT / matrix.CELLS_FILE)
+    derived = matrix.tested_ranges(cells, matrix.load_results(cells, ROOT / matrix.RESULTS_DIR))
+    assert {package: (e["low"], e["high"]) for package, e in derived.items()} == compat.TESTED_RANGES
+    assert set(compat.TESTED_RANGES) == set(matrix.SUPPORT_PACKAGES)
+
+
+def test_every_upstream_bug_is_listed_in_the_readme_troubleshooting() -> None:
+    from upstream_bugs import UPSTREAM_BUGS
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Troubleshooting") :]
+    section = section[: section.index("\n## ", 3)]
+    for bug in UPSTREAM_BUGS:
+        assert f"upstream bug, {bug.package} {bug.affected.split(' (')[0]}" in section, bug
+        assert bug.reference in section, bug
+
+
+def test_upstream_cell_is_drawn_apart_from_pass_and_fail() -> None:
+    cell = _cell()
+    tones = {
+        name: matrix.summarize(cell, result).tone
+        for name, result in (
+            ("pass", _result(cell)),
+            ("upstream", _result(cell, xfail=1)),
+            ("fail", _result(cell, test_fail=1)),
+        )
+    }
+    assert tones == {"pass": "pass", "upstream": "upstream", "fail": "fail"}
+    assert len({matrix.COLORS[t] for t in tones.values()}) == 3
+    assert len({matrix.SHIELDS_COLORS[t] for t in tones.values()}) == 3
+    results = {"c1": _result(cell, xfail=1)}
+    table = matrix.render_table([cell], results)
+    assert "🔷 3/3 +1 xfail" in table and "upstream: lib (#1)" in table
+    _, _, values = matrix.heatmap_matrix([cell], results)
+    assert values[0][0] == matrix.rendering.UPSTREAM_VALUE
+    _, _, values = matrix.heatmap_matrix([cell], {"c1": _result(cell, xfail=1, test_fail=1)})
+    assert values[0][0] == 0.75
 
 
 def _write_repo(root: Path, cells: list, results: dict[str, dict], readme: str | None = None) -> None:
@@ -367,10 +486,16 @@ def test_layer_plugin_and_junit_counting(tmp_path: Path) -> None:
         "@pytest.mark.registry\ndef test_ok():\n    pass\n"
         "@pytest.mark.numerics\n@pytest.mark.slow\ndef test_bad():\n    assert 1 == 2, 'numbers differ'\n"
         "@pytest.mark.registry\n@pytest.mark.skip(reason='no')\ndef test_skip():\n    pass\n"
-        "def test_plain():\n    pass\n",
+        "def test_plain():\n    pass\n"
+        "@pytest.mark.shapes\n@pytest.mark.xfail(reason='upstream: lib 1.0 (#1)', strict=True)\n"
+        "def test_known():\n    assert False\n"
+        "@pytest.mark.shapes\n@pytest.mark.xfail(reason='upstream: lib 1.1 (#2)', strict=True)\n"
+        "def test_fixed():\n    pass\n",
         encoding="utf-8",
     )
-    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n registry\n numerics\n slow\n", encoding="utf-8")
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\nmarkers =\n registry\n numerics\n shapes\n slow\n", encoding="utf-8"
+    )
     junit = tmp_path / "junit.xml"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "matrices")}
     subprocess.run(
@@ -384,11 +509,22 @@ def test_layer_plugin_and_junit_counting(tmp_path: Path) -> None:
         check=False,
     )
     layers, failures = matrix.junit_layers(junit)
-    assert layers["registry"] | {"seconds": 0} == {"passed": 1, "failed": 0, "skipped": 1, "seconds": 0}
+    zero = {"xfailed": 0, "xpassed": 0, "seconds": 0}
+    assert layers["registry"] | {"seconds": 0} == {"passed": 1, "failed": 0, "skipped": 1} | zero
     assert layers["numerics"]["failed"] == 1 and layers["numerics"]["passed"] == 0
     assert layers[matrix.UNMARKED]["passed"] == 1
-    assert [f["layer"] for f in failures] == ["numerics"]
+    # an expected failure is neither a failure nor a skip; a strict XPASS (upstream fixed it) is a failure
+    assert layers["shapes"] | {"seconds": 0} == {
+        "passed": 0,
+        "failed": 1,
+        "skipped": 0,
+        "xfailed": 1,
+        "xpassed": 1,
+        "seconds": 0,
+    }
+    assert [f["layer"] for f in failures] == ["numerics", "shapes"]
     assert "numbers differ" in failures[0]["message"]
+    assert matrix.junit_expected(junit) == [{"test": "test_sample::test_known", "reason": "upstream: lib 1.0 (#1)"}]
 
 
 def test_failure_message_names_the_innermost_exception() -> None:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from terratorch.models.necks import build_neck_list
 from terratorch.registry import NECK_REGISTRY
+from upstream_bugs import TERRATORCH_AGGREGATE_TOKENS_CHANNELS
 
 from earthmind_compat.errors import ConfigurationError, InputError
 from earthmind_compat.necks import NECKS, ProjectChannels, TokensToGrid
@@ -220,12 +221,28 @@ def neck_cases(draw):
         args = {"pooling": draw(st.sampled_from(["mean", "max"]))}
         if "indices" in inspect.signature(NECK_REGISTRY.find_class(name)).parameters:  # TerraTorch >= 1.2
             args["indices"] = list(range(count))
-        else:  # TerraTorch 1.1: one feature, by ``index``
-            args["index"] = draw(st.integers(-count, count - 1))
-        inputs, kind = tokens, "vectors"
+            inputs = tokens
+        else:  # TerraTorch 1.1: one feature, by ``index``; a single input (with more: the upstream bug below)
+            args["index"] = draw(st.sampled_from([0, -1]))
+            channels, inputs = channels[:1], tokens[:1]
+        kind = "vectors"
     elif name == "FeaturePyramidNetworkNeck":
         args = {"out_channel": draw(st.integers(1, 16)), "output_ordered_dict": False}
     return name, args, channels, inputs, kind, call
+
+
+@pytest.mark.shapes
+@TERRATORCH_AGGREGATE_TOKENS_CHANNELS.mark
+def test_aggregate_tokens_predicts_the_channels_of_the_selected_layer():
+    if "AggregateTokens" not in NECK_REGISTRY:
+        pytest.skip("TerraTorch 1.0 has no AggregateTokens")
+    cls = NECK_REGISTRY.find_class("AggregateTokens")
+    args = {"indices": [0]} if "indices" in inspect.signature(cls).parameters else {"index": 0}
+    (neck,), predicted = build_neck_list([{"name": "AggregateTokens", "pooling": "mean", **args}], [8, 16])
+    with torch.no_grad():
+        outputs = neck([torch.randn(2, 4, 8), torch.randn(2, 4, 16)])
+    assert [o.shape[-1] for o in outputs] == [8]
+    assert predicted == [8]
 
 
 @pytest.mark.shapes

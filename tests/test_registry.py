@@ -16,6 +16,7 @@ import earthmind_compat
 from earthmind_compat.backbones import BACKBONE_CLASSES
 from earthmind_compat.builders import BACKBONE_BUILDERS
 from earthmind_compat.check import tiny_input
+from earthmind_compat.compat import call_with_hidden_states
 from earthmind_compat.errors import ConfigurationError, RegistryConflictError, UnknownNameError
 
 pytestmark = pytest.mark.registry
@@ -158,7 +159,7 @@ def test_internvl_vision_checkpoint_round_trip(tiny_internvl_vision_dir):
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         ours = model(x)
-        theirs = reference(x, output_hidden_states=True).hidden_states
+        theirs = call_with_hidden_states(reference, x).hidden_states
     assert (ours[0] - theirs[1]).abs().max() <= 1e-5
     assert (ours[1] - theirs[-1]).abs().max() <= 1e-5
 

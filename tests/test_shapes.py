@@ -85,6 +85,8 @@ def model_configs(draw, backbone: str, task: str, decoder: str):
         sar = draw(st.integers(1, bands - 1))
         kwargs["modalities"] = (("SAR", sar), ("OPTICAL", bands - sar))
         del kwargs["in_chans"]
+        if kwargs.get("with_projector") and "fusion" in arguments:
+            kwargs["fusion"] = draw(st.sampled_from(["concat", "gate"]))  # EarthMind: same shapes either way
     if task.endswith("regression"):
         outputs = draw(st.integers(1, 2)) if factory_takes_num_outputs() else 1  # TerraTorch 1.0: one output
     else:

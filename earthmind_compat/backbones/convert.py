@@ -1,35 +1,46 @@
-"""Convert EarthMind's released checkpoint (remote-code Sa2VA / InternVL layout) to the native classes.
+"""The key maps of InternVL-family checkpoints, and the translation of their configs, as data.
 
-EarthMind-4B is published in the key layout of its remote code (``model_type`` ``sa2va_chat``): an
-``InternVisionModel`` under ``vision_model.`` with a fused ``qkv`` projection, the projector as the
-``nn.Sequential`` ``mlp1``, the gating queries ``local_query``, then the language model, the SAM2 grounding
-encoder and ``text_hidden_fcs``. Nothing of that code is run here: ``config.json`` is read as data and the
-tensors are renamed by :data:`KEY_RULES` into the names of ``transformers``' native ``InternVLVisionModel``
-and ``InternVLMultiModalProjector`` and of our :class:`~earthmind_compat.backbones.fusion.CrossModalGate`.
+Four layouts hold an InternViT tower (and maybe its projector) and are read by
+:mod:`earthmind_compat.backbones.loader`:
 
-The map is strict: every tensor of the checkpoint must match exactly one rule (a rename, or a skip with a
-stated reason), and every native parameter must be filled with a tensor of the right shape; otherwise
-:class:`~earthmind_compat.errors.WeightsError` lists the missing and unexpected keys.
+* native ``InternVLForConditionalGeneration`` / ``InternVLModel`` directories (``model_type`` ``internvl``, the
+  ``-hf`` repositories): the tower under ``(model.)vision_tower.``, the projector under
+  ``(model.)multi_modal_projector.``;
+* native ``InternVLVisionModel`` directories (``internvl_vision``): the tower alone, unprefixed;
+* InternVL's own release (``internvl_chat``, e.g. ``OpenGVLab/InternVL2_5-4B``), in the key layout of its
+  remote code: an ``InternVisionModel`` under ``vision_model.`` with a fused ``qkv`` projection and the
+  projector as the ``nn.Sequential`` ``mlp1``;
+* EarthMind's release (``sa2va_chat``): the same plus the gating queries ``local_query``, the SAM2 grounding
+  encoder and ``text_hidden_fcs``.
+
+Nothing of the remote code is run: ``config.json`` is read as data (its missing keys take the defaults of the
+released configuration classes, :data:`REMOTE_VISION_DEFAULTS` and :data:`REMOTE_CHAT_DEFAULTS`) and the
+tensors are renamed by a :class:`KeyRule` table into the names of ``transformers``' native
+``InternVLVisionModel`` and ``InternVLMultiModalProjector`` and of our
+:class:`~earthmind_compat.backbones.fusion.CrossModalGate`.
+
+Every map is strict: every tensor of the checkpoint must match exactly one rule (a rename, or a skip with a
+stated reason), and every native tensor must be filled with a tensor of the right shape; otherwise
+:class:`~earthmind_compat.errors.WeightsError` lists the missing and unexpected keys, before any tensor is read.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
-from transformers import InternVLVisionModel
-from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
-from earthmind_compat.backbones.fusion import CrossModalGate
-from earthmind_compat.backbones.internvl import projector_config, vision_config_from_preset
 from earthmind_compat.errors import WeightsError
-from earthmind_compat.weights import checkpoint_keys, load_tensors, open_safetensors, read_config, safetensors_files
 
-#: ``model_type`` values of EarthMind's released (remote-code) configs.
-REMOTE_MODEL_TYPES = ("sa2va_chat",)
+#: ``model_type`` values of the released remote-code chat configs: InternVL's and EarthMind's.
+REMOTE_MODEL_TYPES = ("internvl_chat", "sa2va_chat")
+
+#: ``model_type`` of the released standalone InternViT config (``configuration_intern_vit.py``).
+REMOTE_VISION_MODEL_TYPE = "intern_vit_6b"
 
 #: Prefixes of the native layout produced by :func:`convert_checkpoint`.
 VISION_PREFIX, PROJECTOR_PREFIX, GATE_PREFIX = "vision_tower.", "projector.", "gate."
@@ -37,10 +48,10 @@ VISION_PREFIX, PROJECTOR_PREFIX, GATE_PREFIX = "vision_tower.", "projector.", "g
 
 @dataclass(frozen=True)
 class KeyRule:
-    """One entry of the key map.
+    """One entry of a key map.
 
     Attributes:
-        pattern: Regular expression that must match a whole remote key.
+        pattern: Regular expression that must match a whole checkpoint key.
         targets: Native key templates (``re`` replacement syntax). Several targets split the tensor into that
             many equal chunks along dimension 0 (the fused ``qkv``). Empty: the tensor is deliberately unused.
         reason: Why a skipped tensor is not part of the backbone.
@@ -51,169 +62,268 @@ class KeyRule:
     reason: str = ""
 
 
-_REMOTE_LAYER = r"vision_model\.encoder\.layers\.(\d+)\."
-_NATIVE_LAYER = VISION_PREFIX + r"encoder.layer.\1."
+_LANGUAGE_MODEL = "the Qwen2.5 language model reads the image tokens; not an image backbone"
 
-#: Remote-code name -> native name, one rule per tensor family.
-KEY_RULES: tuple[KeyRule, ...] = (
-    KeyRule(r"vision_model\.embeddings\.class_embedding", (VISION_PREFIX + "embeddings.cls_token",)),
-    KeyRule(
-        r"vision_model\.embeddings\.patch_embedding\.(weight|bias)",
-        (VISION_PREFIX + r"embeddings.patch_embeddings.projection.\1",),
-    ),
-    KeyRule(r"vision_model\.embeddings\.position_embedding", (VISION_PREFIX + "embeddings.position_embeddings",)),
-    KeyRule(
-        _REMOTE_LAYER + r"attn\.qkv\.(weight|bias)",
-        tuple(_NATIVE_LAYER + f"attention.{p}_proj." + r"\2" for p in "qkv"),
-    ),
-    KeyRule(_REMOTE_LAYER + r"attn\.proj\.(weight|bias)", (_NATIVE_LAYER + r"attention.projection_layer.\2",)),
-    KeyRule(_REMOTE_LAYER + r"attn\.q_norm\.weight", (_NATIVE_LAYER + "attention.q_norm.weight",)),
-    KeyRule(_REMOTE_LAYER + r"attn\.k_norm\.weight", (_NATIVE_LAYER + "attention.k_norm.weight",)),
-    KeyRule(_REMOTE_LAYER + r"mlp\.(fc1|fc2)\.(weight|bias)", (_NATIVE_LAYER + r"mlp.\2.\3",)),
-    KeyRule(_REMOTE_LAYER + r"norm1\.(weight|bias)", (_NATIVE_LAYER + r"layernorm_before.\2",)),
-    KeyRule(_REMOTE_LAYER + r"norm2\.(weight|bias)", (_NATIVE_LAYER + r"layernorm_after.\2",)),
-    KeyRule(_REMOTE_LAYER + r"ls1", (_NATIVE_LAYER + "lambda_1",)),
-    KeyRule(_REMOTE_LAYER + r"ls2", (_NATIVE_LAYER + "lambda_2",)),
+
+def _internvit_rules(prefix: str) -> tuple[KeyRule, ...]:
+    """The remote ``InternVisionModel``'s names under ``prefix`` -> native ``InternVLVisionModel`` names."""
+    at = re.escape(prefix)
+    layer, native = at + r"encoder\.layers\.(\d+)\.", VISION_PREFIX + r"encoder.layer.\1."
+    return (
+        KeyRule(at + r"embeddings\.class_embedding", (VISION_PREFIX + "embeddings.cls_token",)),
+        KeyRule(
+            at + r"embeddings\.patch_embedding\.(weight|bias)",
+            (VISION_PREFIX + r"embeddings.patch_embeddings.projection.\1",),
+        ),
+        KeyRule(at + r"embeddings\.position_embedding", (VISION_PREFIX + "embeddings.position_embeddings",)),
+        KeyRule(layer + r"attn\.qkv\.(weight|bias)", tuple(native + f"attention.{p}_proj." + r"\2" for p in "qkv")),
+        KeyRule(layer + r"attn\.proj\.(weight|bias)", (native + r"attention.projection_layer.\2",)),
+        KeyRule(layer + r"attn\.q_norm\.weight", (native + "attention.q_norm.weight",)),
+        KeyRule(layer + r"attn\.k_norm\.weight", (native + "attention.k_norm.weight",)),
+        KeyRule(layer + r"mlp\.(fc1|fc2)\.(weight|bias)", (native + r"mlp.\2.\3",)),
+        KeyRule(layer + r"norm1\.(weight|bias)", (native + r"layernorm_before.\2",)),
+        KeyRule(layer + r"norm2\.(weight|bias)", (native + r"layernorm_after.\2",)),
+        KeyRule(layer + r"ls1", (native + "lambda_1",)),
+        KeyRule(layer + r"ls2", (native + "lambda_2",)),
+    )
+
+
+#: The standalone InternViT release (``intern_vit_6b``, e.g. ``OpenGVLab/InternViT-6B-448px-V2_5``): the remote
+#: ``InternVisionModel`` saved alone, unprefixed -> native names.
+INTERNVIT_RULES: tuple[KeyRule, ...] = _internvit_rules("")
+
+#: InternVL's remote-code names (``internvl_chat``, ``OpenGVLab/InternVL2_5-4B``) -> native names.
+INTERNVL_CHAT_RULES: tuple[KeyRule, ...] = (
+    *_internvit_rules("vision_model."),
     KeyRule(r"mlp1\.0\.(weight|bias)", (PROJECTOR_PREFIX + r"layer_norm.\1",)),
     KeyRule(r"mlp1\.1\.(weight|bias)", (PROJECTOR_PREFIX + r"linear_1.\1",)),
     KeyRule(r"mlp1\.3\.(weight|bias)", (PROJECTOR_PREFIX + r"linear_2.\1",)),
+    KeyRule(r"language_model\..+", reason=_LANGUAGE_MODEL),
+)
+
+#: EarthMind's remote-code names (``sa2va_chat``, ``sy1998/EarthMind-4B``) -> native names: InternVL's map plus
+#: the gating queries, and the parts that decode masks.
+KEY_RULES: tuple[KeyRule, ...] = (
+    *INTERNVL_CHAT_RULES,
     KeyRule(r"local_query", (GATE_PREFIX + "local_query",)),
-    KeyRule(r"language_model\..+", reason="the Qwen2.5 language model reads the image tokens; not an image backbone"),
     KeyRule(r"grounding_encoder\..+", reason="the SAM2 grounding encoder decodes masks from [SEG] tokens"),
     KeyRule(r"text_hidden_fcs\..+", reason="maps the language model's [SEG] states to SAM2 prompts"),
 )
 
+#: A native ``InternVLForConditionalGeneration`` (``model.`` prefixes, transformers 5.x and recent 4.x) or
+#: ``InternVLModel`` / older ``-hf`` conversion (no ``model.``) -> native names.
+NATIVE_MODEL_RULES: tuple[KeyRule, ...] = (
+    KeyRule(r"(?:model\.)?vision_tower\.(.+)", (VISION_PREFIX + r"\1",)),
+    KeyRule(r"(?:model\.)?multi_modal_projector\.(.+)", (PROJECTOR_PREFIX + r"\1",)),
+    KeyRule(r"(?:model\.)?language_model\..+", reason=_LANGUAGE_MODEL),
+    KeyRule(r"lm_head\..+", reason="the language model's output layer"),
+)
+
+#: A native ``InternVLVisionModel`` saved alone -> native names.
+NATIVE_VISION_RULES: tuple[KeyRule, ...] = (KeyRule(r"(.+)", (VISION_PREFIX + r"\1",)),)
+
+#: Defaults of the released ``InternVisionConfig`` (InternVL's ``configuration_intern_vit.py``; EarthMind ships
+#: the same file) for every key of a remote ``vision_config`` that this package reads. They describe
+#: InternViT-6B: a config that omits ``qkv_bias`` builds a tower *without* qkv bias, with qk normalisation and
+#: RMS norms, whatever the 300M tower of InternVL2.5-4B uses (its released config states all three).
+REMOTE_VISION_DEFAULTS: dict[str, object] = {
+    "num_channels": 3,
+    "patch_size": 14,
+    "image_size": 224,
+    "qkv_bias": False,
+    "hidden_size": 3200,
+    "num_attention_heads": 25,
+    "intermediate_size": 12800,
+    "qk_normalization": True,
+    "num_hidden_layers": 48,
+    "hidden_act": "gelu",
+    "norm_type": "rms_norm",
+    "layer_norm_eps": 1e-6,
+}
+
+#: Defaults of the released ``InternVLChatConfig`` / ``Sa2VAChatConfig`` for the keys read here. ``ps_version``
+#: defaults to ``'v1'`` (the transposed pixel shuffle), which is refused: the released InternVL2.5 and
+#: EarthMind configs state ``'v2'``.
+REMOTE_CHAT_DEFAULTS: dict[str, object] = {"select_layer": -1, "downsample_ratio": 0.5, "ps_version": "v1"}
+
 
 @dataclass(frozen=True)
 class RemoteSettings:
-    """What a remote config says about the parts we build.
+    """What a checkpoint config says about the parts we build.
 
     Attributes:
         vision: Preset-style settings for :func:`~earthmind_compat.backbones.internvl.vision_config_from_preset`
-            (including ``text_hidden_size``, the projector's output width).
-        projector_layer: Index of the vision layer whose output feeds the projector (``select_layer``).
+            (with ``num_channels``, the released patch kernel's bands, and ``text_hidden_size``, the projector's
+            output width, ``None`` when the checkpoint does not say).
+        projector_layer: Index of the vision layer whose output feeds the projector (``select_layer`` /
+            ``vision_feature_layer``).
     """
 
     vision: dict
     projector_layer: int
 
 
+class TensorSource(Protocol):
+    """What :func:`convert_checkpoint` reads: a checkpoint's config, tensor names, header shapes and tensors."""
+
+    directory: Path
+    config: Mapping[str, object]
+    keys: Sequence[str]
+
+    def shapes(self, keys: Iterable[str]) -> dict[str, tuple[int, ...]]: ...  # noqa: D102
+
+    def load(self, keys: Iterable[str]) -> dict[str, torch.Tensor]: ...  # noqa: D102
+
+
 def is_remote_config(config: dict) -> bool:
-    """Whether a ``config.json`` is in EarthMind's released remote-code format."""
+    """Whether a ``config.json`` is in one of the released remote-code formats (read as data)."""
     return config.get("model_type") in REMOTE_MODEL_TYPES
 
 
-def _not_remote(config: dict, directory: Path) -> WeightsError:
-    return WeightsError(
-        f"{directory} holds a {config.get('model_type')!r} checkpoint; expected EarthMind's released format "
-        f"(model_type {' or '.join(map(repr, REMOTE_MODEL_TYPES))}). For a native InternVL checkpoint use the "
-        "internvl2_5_4b backbone."
-    )
-
-
-def _require(config: dict, key: str, directory: Path) -> object:
+def _require(config: Mapping, key: str, directory: Path, what: str) -> object:
     if key not in config:
-        raise WeightsError(
-            f"{directory}/config.json has no {key!r}; it is not a complete EarthMind (sa2va_chat) config."
-        )
+        raise WeightsError(f"{directory}/config.json has no {key!r}; it is not a complete {what} config.")
     return config[key]
 
 
-def remote_settings(config: dict, directory: Path) -> RemoteSettings:
-    """Translate a remote ``sa2va_chat`` config into native settings.
+def _projector_layer(select: int, layers: int, directory: Path, name: str) -> int:
+    """The index of the vision layer whose output ``hidden_states[select]`` is (``hidden_states[0]``: patches)."""
+    if not -(layers + 1) <= select <= layers:
+        raise WeightsError(f"{directory}: {name}={select} is outside the {layers} vision layers.")
+    layer = select % (layers + 1) - 1
+    if layer < 0:
+        raise WeightsError(f"{directory}: {name}={select} projects the patch embeddings, which is not supported.")
+    return layer
 
-    The remote names ``qkv_bias`` / ``qk_normalization`` become ``attention_bias`` / ``use_qk_norm`` (the native
-    config would silently ignore the remote names).
+
+def remote_settings(config: dict, directory: Path) -> RemoteSettings:
+    """Translate a remote ``internvl_chat`` / ``sa2va_chat`` (or standalone ``intern_vit_6b``) config into settings.
+
+    A key the config leaves out takes the released configuration classes' default
+    (:data:`REMOTE_VISION_DEFAULTS`, :data:`REMOTE_CHAT_DEFAULTS`). The remote names ``qkv_bias`` /
+    ``qk_normalization`` become ``attention_bias`` / ``use_qk_norm`` (the native config would silently ignore
+    the remote names).
 
     Raises:
-        WeightsError: if the config is incomplete or asks for something the native classes do not do.
+        WeightsError: if the config lacks what has no default (``vision_config``, ``llm_config.hidden_size``) or
+            asks for something the native classes do not do.
     """
-    if not is_remote_config(config):
-        raise _not_remote(config, directory)
-    vision = _require(config, "vision_config", directory)
-    llm = _require(config, "llm_config", directory)
-    ratio = config.get("downsample_ratio", 0.5)
-    if ratio != 0.5:
-        raise WeightsError(f"{directory}: downsample_ratio={ratio}; only InternVL's pixel shuffle 0.5 is supported.")
-    if config.get("ps_version", "v2") != "v2":
+    model_type = config.get("model_type")
+    if model_type == REMOTE_VISION_MODEL_TYPE:  # the tower alone: no projector, no language model
+        vision, llm, chat = {**REMOTE_VISION_DEFAULTS, **config}, None, {**REMOTE_CHAT_DEFAULTS, "ps_version": "v2"}
+    elif is_remote_config(config):
+        vision = {**REMOTE_VISION_DEFAULTS, **_require(config, "vision_config", directory, str(model_type))}
+        llm = _require(config, "llm_config", directory, str(model_type))
+        chat = {**REMOTE_CHAT_DEFAULTS, **config}
+    else:
         raise WeightsError(
-            f"{directory}: ps_version={config.get('ps_version')!r} (the transposed pixel shuffle); "
-            "only 'v2' is supported."
+            f"{directory} holds a {model_type!r} checkpoint; expected a remote InternVL layout (model_type "
+            f"{', '.join(map(repr, (*REMOTE_MODEL_TYPES, REMOTE_VISION_MODEL_TYPE)))})."
+        )
+    if chat["downsample_ratio"] != 0.5:
+        raise WeightsError(
+            f"{directory}: downsample_ratio={chat['downsample_ratio']}; only InternVL's pixel shuffle 0.5 is supported."
+        )
+    if chat["ps_version"] != "v2":
+        stated = "ps_version" in config
+        raise WeightsError(
+            f"{directory}: ps_version={chat['ps_version']!r}"
+            + ("" if stated else " (config.json leaves it out; the released config class defaults to 'v1')")
+            + ", the transposed pixel shuffle; only 'v2' (what InternVL2.5 and EarthMind release) is supported. "
+            'Add "ps_version": "v2" to config.json if the checkpoint was trained with it.'
         )
     settings = {
-        "hidden_size": int(_require(vision, "hidden_size", directory)),
-        "num_hidden_layers": int(_require(vision, "num_hidden_layers", directory)),
-        "num_attention_heads": int(_require(vision, "num_attention_heads", directory)),
-        "intermediate_size": int(_require(vision, "intermediate_size", directory)),
-        "image_size": int(_require(vision, "image_size", directory)),
-        "patch_size": int(_require(vision, "patch_size", directory)),
-        "attention_bias": bool(vision.get("qkv_bias", True)),
-        "use_qk_norm": bool(vision.get("qk_normalization", False)),
-        "norm_type": vision.get("norm_type", "layer_norm"),
-        "layer_norm_eps": float(vision.get("layer_norm_eps", 1e-6)),
-        "hidden_act": vision.get("hidden_act", "gelu"),
+        "hidden_size": int(vision["hidden_size"]),
+        "num_hidden_layers": int(vision["num_hidden_layers"]),
+        "num_attention_heads": int(vision["num_attention_heads"]),
+        "intermediate_size": int(vision["intermediate_size"]),
+        "image_size": int(vision["image_size"]),
+        "patch_size": int(vision["patch_size"]),
+        "num_channels": int(vision["num_channels"]),
+        "attention_bias": bool(vision["qkv_bias"]),
+        "use_qk_norm": bool(vision["qk_normalization"]),
+        "norm_type": vision["norm_type"],
+        "layer_norm_eps": float(vision["layer_norm_eps"]),
+        "hidden_act": vision["hidden_act"],
         "use_mean_pooling": True,  # the remote tower has no final norm
-        "text_hidden_size": int(_require(llm, "hidden_size", directory)),
+        "text_hidden_size": None if llm is None else int(_require(llm, "hidden_size", directory, "llm_config")),
     }
     if settings["norm_type"] not in ("layer_norm", "rms_norm"):
         raise WeightsError(f"{directory}: unknown vision norm_type {settings['norm_type']!r}.")
-    layers = settings["num_hidden_layers"]
-    select = int(config.get("select_layer", -1))
-    if not -(layers + 1) <= select <= layers:
-        raise WeightsError(f"{directory}: select_layer={select} is outside the {layers} vision layers.")
-    projector_layer = select % (layers + 1) - 1  # remote hidden_states[0] is the patch embedding
-    if projector_layer < 0:
-        raise WeightsError(f"{directory}: select_layer={select} projects the patch embeddings, which is not supported.")
-    return RemoteSettings(settings, projector_layer)
+    layer = _projector_layer(int(chat["select_layer"]), settings["num_hidden_layers"], directory, "select_layer")
+    return RemoteSettings(settings, layer)
 
 
-@dataclass
-class RemoteCheckpoint:
-    """A checkpoint directory in the remote layout: its config, tensor names and a reader for chosen tensors."""
-
-    directory: Path
-    config: dict
-    keys: list[str]
-    allow_pickle: bool = False
-
-    def load(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Read only ``keys`` (safetensors are opened lazily, so the language model is never loaded)."""
-        wanted = set(keys)
-        out: dict[str, torch.Tensor] = {}
-        files = safetensors_files(self.directory, allow_pickle=self.allow_pickle)
-        if all(p.suffix == ".safetensors" for p in files):
-            for path in files:
-                with open_safetensors(path) as handle:
-                    for key in wanted.intersection(handle.keys()):
-                        out[key] = handle.get_tensor(key)
-        else:
-            out = {k: v for k, v in load_tensors(self.directory, ("",), self.allow_pickle).items() if k in wanted}
-        return out
+#: The native vision settings this package builds from (the keys of a preset).
+_NATIVE_VISION_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "attention_bias",
+    "use_qk_norm",
+    "norm_type",
+    "layer_norm_eps",
+    "hidden_act",
+    "layer_scale_init_value",
+    "use_mean_pooling",
+)
 
 
-def open_remote_checkpoint(directory: Path, allow_pickle: bool = False) -> RemoteCheckpoint:
-    """Read the config and the tensor names of a remote-layout checkpoint (no tensor is loaded).
+def native_settings(config: dict, directory: Path) -> RemoteSettings:
+    """Translate a native ``internvl`` / ``internvl_vision`` config with transformers' own config classes.
+
+    Missing keys take those classes' defaults (the native release's code). A vision-only config does not say
+    how wide the language model is: ``text_hidden_size`` is then ``None``.
 
     Raises:
-        WeightsError: if the directory is not an EarthMind release checkpoint.
+        WeightsError: for another model type, or a projector set-up the backbones do not reproduce.
     """
-    config = read_config(directory)
-    if not is_remote_config(config):
-        raise _not_remote(config, directory)
-    return RemoteCheckpoint(directory, config, checkpoint_keys(directory, allow_pickle), allow_pickle)
+    from transformers import InternVLConfig, InternVLVisionConfig
+
+    model_type = config.get("model_type")
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "architectures")}
+    if model_type == "internvl":
+        full = InternVLConfig(**fields)
+        vision, text_hidden = full.vision_config, int(full.text_config.hidden_size)
+        if full.downsample_ratio != 0.5 or full.projector_hidden_act != "gelu":
+            raise WeightsError(
+                f"{directory}: downsample_ratio={full.downsample_ratio}, projector_hidden_act="
+                f"{full.projector_hidden_act!r}; only InternVL2.5's pixel shuffle 0.5 and GELU projector are supported."
+            )
+        if full.vision_feature_select_strategy != "default":
+            raise WeightsError(
+                f"{directory}: vision_feature_select_strategy={full.vision_feature_select_strategy!r}; only "
+                "'default' (the CLS token dropped before the projector) is supported."
+            )
+        select = int(full.vision_feature_layer)
+    elif model_type == "internvl_vision":
+        vision, text_hidden, select = InternVLVisionConfig(**fields), None, -1
+    else:
+        raise WeightsError(
+            f"{directory} holds a {model_type!r} checkpoint; expected a native InternVL layout "
+            "(model_type 'internvl' or 'internvl_vision')."
+        )
+    settings = {key: getattr(vision, key) for key in _NATIVE_VISION_KEYS}
+    settings["image_size"] = int(vision.image_size[0])
+    settings["patch_size"] = int(vision.patch_size[0])
+    settings["num_channels"] = int(vision.num_channels)
+    settings["text_hidden_size"] = text_hidden
+    layer = _projector_layer(select, settings["num_hidden_layers"], directory, "vision_feature_layer")
+    return RemoteSettings(settings, layer)
 
 
 @dataclass
 class KeyPlan:
-    """Where each native tensor comes from, which remote tensors are skipped, and which matched no rule."""
+    """Where each native tensor comes from, which checkpoint tensors are skipped, and which matched no rule."""
 
-    sources: dict[str, tuple[str, int, int]]  # native key -> (remote key, chunk index, number of chunks)
-    skipped: dict[str, str]  # remote key -> reason
+    sources: dict[str, tuple[str, int, int]]  # native key -> (checkpoint key, chunk index, number of chunks)
+    skipped: dict[str, str]  # checkpoint key -> reason
     unmatched: list[str]
 
 
 def plan_keys(keys: Iterable[str], rules: Sequence[KeyRule] = KEY_RULES) -> KeyPlan:
-    """Apply the key map to remote tensor names.
+    """Apply a key map to checkpoint tensor names.
 
     Raises:
         WeightsError: if a key matches two rules (the map itself would be ambiguous).
@@ -237,43 +347,37 @@ def plan_keys(keys: Iterable[str], rules: Sequence[KeyRule] = KEY_RULES) -> KeyP
     return KeyPlan(sources, skipped, sorted(unmatched))
 
 
-def native_shapes(settings: RemoteSettings) -> dict[str, torch.Size]:
-    """Names and shapes of every native tensor the checkpoint must fill (built on the meta device)."""
-    vision_config = vision_config_from_preset(settings.vision, 3, None)
-    with torch.device("meta"):
-        parts = {
-            VISION_PREFIX: InternVLVisionModel(vision_config),
-            PROJECTOR_PREFIX: InternVLMultiModalProjector(
-                projector_config(vision_config, settings.vision["text_hidden_size"])
-            ),
-            GATE_PREFIX: CrossModalGate(settings.vision["text_hidden_size"]),
-        }
-    return {prefix + k: v.shape for prefix, module in parts.items() for k, v in module.state_dict().items()}
-
-
 def _listing(keys: Sequence[str], limit: int = 12) -> str:
     return f"{list(keys[:limit])}{f' ... ({len(keys)} in all)' if len(keys) > limit else ''}"
 
 
 def convert_checkpoint(
-    checkpoint: RemoteCheckpoint, settings: RemoteSettings, rules: Sequence[KeyRule] = KEY_RULES
+    checkpoint: TensorSource,
+    expected: Mapping[str, torch.Size | tuple[int, ...]],
+    rules: Sequence[KeyRule] = KEY_RULES,
+    parts: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Rename (and split) the remote tensors into the native layout, strictly.
+    """Rename (and split) a checkpoint's tensors into the native layout, strictly, reading only what is needed.
+
+    The names are checked first (every checkpoint tensor consumed by a rule, every native tensor filled), then
+    the shapes from the file headers; only then are tensors read, and only those of ``parts``.
 
     Args:
-        checkpoint: The opened remote checkpoint.
-        settings: Its translated config (:func:`remote_settings`).
-        rules: The key map (default :data:`KEY_RULES`).
+        checkpoint: The opened checkpoint (e.g. :class:`~earthmind_compat.weights.CheckpointFiles` with its
+            config).
+        expected: Native key -> shape of every tensor the layout fills (the model built on the meta device from
+            the checkpoint's config), with the prefixes ``vision_tower.``, ``projector.``, ``gate.``.
+        rules: The key map (default :data:`KEY_RULES`, EarthMind's release).
+        parts: Native parts to read (``{"vision_tower", "projector"}``...); ``None`` reads all.
 
     Returns:
-        ``{native key: tensor}`` with the prefixes ``vision_tower.``, ``projector.`` and ``gate.``; the patch
-        kernel is still the released 3-channel one.
+        ``{native key: tensor}`` for the native keys of ``parts``; the patch kernel is still the released one.
 
     Raises:
-        WeightsError: listing missing native keys, remote keys no rule consumes, and wrong shapes.
+        WeightsError: listing missing native keys, checkpoint keys no rule consumes, and wrong shapes.
     """
+    label = checkpoint.config.get("model_type")
     plan = plan_keys(checkpoint.keys, rules)
-    expected = native_shapes(settings)
     missing = sorted(set(expected) - set(plan.sources))
     surplus = sorted({plan.sources[k][0] for k in set(plan.sources) - set(expected)})
     unexpected = sorted(set(plan.unmatched) | set(surplus))
@@ -281,28 +385,33 @@ def convert_checkpoint(
         details = [f"missing {_listing(missing)}"] if missing else []
         details += [f"unexpected {_listing(unexpected)}"] if unexpected else []
         raise WeightsError(
-            f"The EarthMind checkpoint in {checkpoint.directory} does not convert cleanly: {'; '.join(details)}. "
-            "Is it a complete sa2va_chat checkpoint whose config matches its tensors?"
+            f"The {label} checkpoint in {checkpoint.directory} does not convert cleanly: {'; '.join(details)}. "
+            f"Is it a complete {label} checkpoint whose config matches its tensors?"
         )
-    tensors = checkpoint.load({remote for remote, _, _ in plan.sources.values()})
-    out: dict[str, torch.Tensor] = {}
+    shapes = checkpoint.shapes({source for source, _, _ in plan.sources.values()})
     wrong: list[str] = []
-    for native, (remote, index, parts) in plan.sources.items():
-        tensor = tensors[remote]
-        if parts > 1:
-            if tensor.shape[0] % parts:
-                wrong.append(f"{remote}: {tuple(tensor.shape)} does not split into {parts}")
+    for native, (source, _, chunks) in plan.sources.items():
+        shape = tuple(shapes[source])
+        if chunks > 1:
+            if not shape or shape[0] % chunks:
+                wrong.append(f"{source}: {shape} does not split into {chunks}")
                 continue
-            tensor = tensor.chunk(parts, dim=0)[index]
-        if tensor.shape != expected[native]:
-            wrong.append(f"{remote} -> {native}: {tuple(tensor.shape)} vs {tuple(expected[native])}")
-            continue
-        out[native] = tensor
+            shape = (shape[0] // chunks, *shape[1:])
+        if shape != tuple(expected[native]):
+            wrong.append(f"{source} -> {native}: {shape} vs {tuple(expected[native])}")
     if wrong:
         raise WeightsError(
-            f"The EarthMind checkpoint in {checkpoint.directory} has tensors of the wrong shape for its config: "
-            f"{_listing(sorted(wrong), 5)}."
+            f"The {label} checkpoint in {checkpoint.directory} has tensors of another shape than the model built "
+            f"from its config.json: {_listing(sorted(wrong), 5)}. config.json does not describe these tensors (a "
+            "dimension it leaves out takes the released code's default); fix config.json or pass the directory it "
+            "was saved with."
         )
+    wanted = {k: v for k, v in plan.sources.items() if parts is None or k.partition(".")[0] in parts}
+    tensors = checkpoint.load({source for source, _, _ in wanted.values()})
+    out: dict[str, torch.Tensor] = {}
+    for native, (source, index, chunks) in wanted.items():
+        tensor = tensors[source]
+        out[native] = tensor.chunk(chunks, dim=0)[index] if chunks > 1 else tensor
     return out
 
 

@@ -1,26 +1,28 @@
-"""EarthMind (InternVL2.5-4B + SAR/optical gating) as a TerraTorch backbone, from the native classes.
+"""EarthMind (InternVL2.5-4B + SAR/optical fusion) as a TerraTorch backbone, from the native classes.
 
 EarthMind passes its SAR image and its optical image through the same InternViT-300M tower and the same
-projector (pixel shuffle 0.5, then the MLP to the language model width, 2048), gates the two projected
-token sequences against each other (:mod:`earthmind_compat.backbones.fusion`) and hands them to the
-language model. This backbone rebuilds the image side from ``transformers``' ``InternVLVisionModel`` and
-``InternVLMultiModalProjector``, loads the released checkpoint through :mod:`earthmind_compat.backbones.convert`,
+projector (pixel shuffle 0.5, then the MLP to the language model width, 2048) and hands both projected
+token sequences to the language model, SAR first (:mod:`earthmind_compat.backbones.fusion`:
+``fusion="concat"``, the release's inference, by default; ``fusion="gate"`` for its training-time gating).
+This backbone rebuilds the image side from ``transformers``' ``InternVLVisionModel`` and
+``InternVLMultiModalProjector``, loads the released checkpoint through :mod:`earthmind_compat.backbones.loader`,
 and returns TerraTorch features:
 
 * one feature per layer in ``out_indices``: the tower's tokens of every modality, side by side on the
   channel axis, ``[B, N, n_modalities * hidden]`` (SAR channels first);
 * with ``with_projector=True``, a last feature with the fused projected tokens, ``[B, N / 4, 2 * 2048]``:
-  per 2x2 patch block, the gated SAR token and the gated optical token side by side. (The language model
-  reads the same values as a sequence, all SAR tokens then all optical ones: :meth:`EarthMindOutput.sequence`.)
+  per 2x2 patch block, the SAR token and the optical token side by side (gated with ``fusion="gate"``). The
+  language model reads the same values as a sequence, all SAR tokens then all optical ones
+  (:meth:`EarthMindOutput.sequence`, :func:`~earthmind_compat.backbones.fusion.sequence_from_grid`).
 
-With one modality (or without ``modalities``) it is EarthMind's single-image path: no gating, and the
+With one modality (or without ``modalities``) it is EarthMind's single-image path: nothing to fuse, and the
 projected feature is the projected tokens of that modality.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,33 +30,60 @@ from transformers import InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector, InternVLVisionPatchEmbeddings
 
 from earthmind_compat.arguments import resolve_dtype
-from earthmind_compat.backbones.base import BackboneSpec, CheckpointLayout, TokenBackbone, resolve_out_indices
-from earthmind_compat.backbones.convert import (
-    REMOTE_MODEL_TYPES,
-    convert_checkpoint,
-    open_remote_checkpoint,
-    remote_settings,
-    split_layout,
+from earthmind_compat.backbones.base import BackboneSpec, TokenBackbone, resolve_out_indices
+from earthmind_compat.backbones.fusion import (
+    DEFAULT_FUSION,
+    ConcatFusion,
+    CrossModalGate,
+    FusionOutput,
+    build_fusion,
+    resolve_fusion,
 )
-from earthmind_compat.backbones.fusion import CrossModalGate, FusionOutput
 from earthmind_compat.backbones.internvl import (
     INTERNVIT_LORA_TARGETS,
     INTERNVL_PRESETS,
     check_projector_grid,
-    load_strict,
+    checkpoint_parts,
     projector_config,
     run_tower,
     vision_config_from_preset,
 )
+from earthmind_compat.backbones.loader import (
+    CHECKPOINT_LAYOUTS,
+    GATE,
+    PROJECTOR,
+    VISION_TOWER,
+    LoadedCheckpoint,
+    load_checkpoint,
+    load_strict,
+)
 from earthmind_compat.backbones.modalities import ModalityLayout, resolve_modalities
 from earthmind_compat.bands import adapt_patch_weight
 from earthmind_compat.compat import first_tensor
-from earthmind_compat.errors import ConfigurationError, WeightsError
-from earthmind_compat.weights import resolve_weights_dir
+from earthmind_compat.errors import ConfigurationError, WeightsError, unknown_name
 
 #: ``tiny`` for tests; ``full`` is EarthMind-4B's image side: InternViT-300M-448px-V2.5 and a projector to
-#: Qwen2.5-3B's width 2048 (the gate has the same width).
+#: Qwen2.5-3B's width 2048 (``local_query`` has the same width).
 EARTHMIND_PRESETS: dict[str, dict] = {"tiny": dict(INTERNVL_PRESETS["tiny"]), "full": dict(INTERNVL_PRESETS["full"])}
+
+#: EarthMind's releases by name (``release=``), all by its publisher in the ``sa2va_chat`` layout.
+#: ``EarthMind-4B`` is the release of the paper and repository (the default). ``EarthMind4B_multi`` is the
+#: publisher's multi-sensor release: the EarthMind-Bench (SAR + optical pairs) evaluation code of the authors
+#: loads a retrained multi-sensor checkpoint through ``predict_forward_multi``; for SAR + optical inputs it is
+#: the release to try. Its tensors could not be inspected here (no hub access): the strict key map refuses any
+#: tensor it does not know, by name, rather than loading it partly.
+EARTHMIND_RELEASES: dict[str, str] = {
+    "EarthMind-4B": "sy1998/EarthMind-4B",
+    "EarthMind4B_multi": "sy1998/EarthMind4B_multi",
+}
+
+
+def earthmind_checkpoint_parts(settings: dict, parts: Collection[str]) -> dict[str, torch.nn.Module]:
+    """EarthMind's parts as a checkpoint holds them: InternVL's tower and projector, and the gate queries."""
+    out = checkpoint_parts(settings, parts)
+    if GATE in parts:
+        out[GATE] = CrossModalGate(settings["text_hidden_size"])
+    return out
 
 
 @dataclass
@@ -63,8 +92,9 @@ class EarthMindOutput:
 
     Attributes:
         layers: Per modality, the tokens of each layer in ``out_indices`` (with CLS if ``keep_cls_token``).
-        projected: Per modality, the projected tokens ``[B, N / 4, text_hidden]`` before gating (or ``None``).
-        fusion: Gated tokens and gates when two modalities are fused with the projector (else ``None``).
+        projected: Per modality, the projected tokens ``[B, N / 4, text_hidden]`` before fusion (or ``None``).
+        fusion: The fused tokens (and gates with ``fusion="gate"``) when two modalities meet at the projector
+            (else ``None``).
     """
 
     layers: dict[str, list[torch.Tensor]]
@@ -81,14 +111,19 @@ class EarthMindOutput:
 
 
 class EarthMindBackbone(TokenBackbone):
-    """EarthMind's image side: shared InternViT tower, projector and cross-modal gating of SAR and optical.
+    """EarthMind's image side: shared InternViT tower, projector and the fusion of SAR and optical tokens.
 
     Args:
         preset: ``"tiny"`` (tests) or ``"full"`` (EarthMind-4B dimensions, random init).
-        weights: Local directory (or hub id) of EarthMind's released checkpoint (``model_type`` ``sa2va_chat``,
-            safetensors). Its config is read as data and its tensors renamed by
-            :mod:`~earthmind_compat.backbones.convert`; no remote code is run.
-        pretrained: With ``weights`` unset, True means the published ``sy1998/EarthMind-4B``.
+        weights: Local directory (or hub id) of a checkpoint in any InternVL-family layout
+            (:data:`~earthmind_compat.backbones.loader.LAYOUTS`), normally EarthMind's release (``model_type``
+            ``sa2va_chat``, safetensors). A remote config is read as data and its tensors renamed by
+            :mod:`~earthmind_compat.backbones.convert`; no remote code is run. InternVL2.5-4B's checkpoints
+            (EarthMind's tower is InternVL2.5-4B's, frozen in its training) load too, without the gate queries.
+        pretrained: With ``weights`` unset, True loads the published release named by ``release``.
+        release: Which EarthMind release ``pretrained=True`` loads (:data:`EARTHMIND_RELEASES`):
+            ``"EarthMind-4B"`` (default, ``sy1998/EarthMind-4B``) or ``"EarthMind4B_multi"`` (the publisher's
+            multi-sensor release, ``sy1998/EarthMind4B_multi``, for SAR + optical pairs).
         in_chans: Channels of a stacked input tensor (must equal the modalities' total if both are given).
         bands: Band names of a stacked input tensor, in order (see ``modalities``).
         modalities: ``{name: band names or band count}``, main (SAR) modality first, optical second, e.g.
@@ -98,8 +133,13 @@ class EarthMindBackbone(TokenBackbone):
         out_indices: Vision layers whose tokens are returned (default: four spread over the depth).
         keep_cls_token: Keep each modality's CLS token at index 0 of the layer features (default False, so
             every feature, projected ones included, is a plain token grid).
-        with_projector: Also return the fused projected tokens as a last feature (the gated tokens EarthMind
-            feeds its language model, laid out per position). Needs an even token grid.
+        with_projector: Also return the fused projected tokens as a last feature (the tokens EarthMind feeds
+            its language model, laid out per position). Needs an even token grid.
+        fusion: How two modalities' projected tokens are combined: ``"concat"`` (default; the release's
+            inference, ``generate_multi``: SAR and optical tokens as they are, SAR first) or ``"gate"`` (the
+            training class's sigmoid gates from ``local_query``; opt-in, needs two modalities and
+            ``with_projector=True``; the released queries are probably an untrained random draw, see
+            :mod:`~earthmind_compat.backbones.fusion`). Checkpoints of either mode load into the other.
         image_size: Position-embedding grid size in pixels (other input sizes are interpolated).
         allow_pickle: Read pickle checkpoints with ``weights_only=True`` when no safetensors exist.
         dtype: dtype the backbone's weights and computation use, whatever the checkpoint stores:
@@ -117,19 +157,12 @@ class EarthMindBackbone(TokenBackbone):
     spec = BackboneSpec(
         name="earthmind_v1",
         family="earthmind",
-        summary="EarthMind-4B's image side: InternViT, projector and SAR/optical gating",
+        summary="EarthMind-4B's image side: InternViT, projector and SAR/optical fusion",
         presets=EARTHMIND_PRESETS,
         input_sizes={"tiny": 56, "full": 448},
         lora_targets=INTERNVIT_LORA_TARGETS,
-        hub_id="sy1998/EarthMind-4B",
-        checkpoint_layouts=(
-            CheckpointLayout(
-                model_types=REMOTE_MODEL_TYPES,
-                prefixes={},
-                description="EarthMind's release in the key layout of its remote code (Sa2VA / InternVL chat), "
-                "renamed into the native classes by earthmind_compat.backbones.convert.KEY_RULES",
-            ),
-        ),
+        hub_id=EARTHMIND_RELEASES["EarthMind-4B"],
+        checkpoint_layouts=CHECKPOINT_LAYOUTS,
         cls_token=False,
     )
 
@@ -138,12 +171,14 @@ class EarthMindBackbone(TokenBackbone):
         preset: str = "full",
         weights: str | None = None,
         pretrained: bool = False,
+        release: str = "EarthMind-4B",
         in_chans: int | None = None,
         bands: Sequence[object] | None = None,
         modalities: Mapping[str, object] | None = None,
         out_indices: Sequence[int] | None = None,
         keep_cls_token: bool = False,
         with_projector: bool = False,
+        fusion: str = DEFAULT_FUSION,
         image_size: int | None = None,
         allow_pickle: bool = False,
         dtype: str | torch.dtype | None = None,
@@ -154,20 +189,32 @@ class EarthMindBackbone(TokenBackbone):
         compute_dtype = resolve_dtype(dtype)
         self.layout: ModalityLayout = resolve_modalities(modalities, in_chans, bands)
         self.in_chans, self.bands = self.layout.in_chans, self.layout.bands
+        self.fusion_mode = resolve_fusion(fusion)
+        if self.fusion_mode == "gate" and not (with_projector and len(self.layout.modalities) == 2):
+            raise ConfigurationError(
+                "fusion='gate' gates the projected tokens of two modalities against each other, so it needs "
+                "with_projector=True and two modalities (e.g. modalities={'S1GRD': ['VV', 'VH'], 'S2L2A': "
+                "['BLUE', 'GREEN', 'RED']}); use the default fusion='concat' otherwise."
+            )
         if with_projector and keep_cls_token:
             raise ConfigurationError(
                 "with_projector=True adds projected tokens, which have no CLS token, so keep_cls_token=True would "
                 "give features that disagree about it (TerraTorch's ReshapeTokensToImage removes it from all or "
                 "none). Use keep_cls_token=False."
             )
-        weights = self.weights_source(weights, pretrained)
-        checkpoint = remote = None
+        if release not in EARTHMIND_RELEASES:
+            raise unknown_name("EarthMind release", release, EARTHMIND_RELEASES)
+        self.release = release
+        weights = EARTHMIND_RELEASES[release] if weights is None and pretrained else weights
+        checkpoint: LoadedCheckpoint | None = None
         self.projector_layer: int | None = None
         if weights is not None:
-            checkpoint = open_remote_checkpoint(resolve_weights_dir(weights), allow_pickle)
-            remote = remote_settings(checkpoint.config, checkpoint.directory)
-            settings.update(remote.vision)
-            self.projector_layer = remote.projector_layer
+            parts = [VISION_TOWER]
+            if with_projector:
+                parts += [PROJECTOR, GATE] if len(self.layout.modalities) > 1 else [PROJECTOR]
+            checkpoint = load_checkpoint(weights, settings, earthmind_checkpoint_parts, parts, allow_pickle)
+            settings = checkpoint.settings
+            self.projector_layer = checkpoint.projector_layer
 
         self.text_hidden_size = settings["text_hidden_size"]
         main, *others = self.layout.modalities
@@ -179,11 +226,12 @@ class EarthMindBackbone(TokenBackbone):
             aux_config.num_channels = others[0].channels
             self.aux_patch_embeddings = InternVLVisionPatchEmbeddings(aux_config)
         self.projector: InternVLMultiModalProjector | None = None
-        self.gate: CrossModalGate | None = None
+        # ``gate`` holds ``local_query`` in both fusion modes (a buffer with "concat"), one state-dict key for both
+        self.gate: ConcatFusion | CrossModalGate | None = None
         if with_projector:
             self.projector = InternVLMultiModalProjector(projector_config(self.vision_config, self.text_hidden_size))
             if others:
-                self.gate = CrossModalGate(self.text_hidden_size)
+                self.gate = build_fusion(self.fusion_mode, self.text_hidden_size)
         self.with_projector = bool(with_projector)
 
         num_layers = self.vision_config.num_hidden_layers
@@ -198,13 +246,12 @@ class EarthMindBackbone(TokenBackbone):
         if with_projector:
             self.out_channels.append(self.text_hidden_size * len(self.layout.modalities))
         if checkpoint is not None:
-            self._load_remote(checkpoint, remote)
+            self._load_checkpoint(checkpoint)
         self.to(compute_dtype)
 
     # -- weights -----------------------------------------------------------------------------------------
-    def _load_remote(self, checkpoint, remote) -> None:
-        parts = split_layout(convert_checkpoint(checkpoint, remote))
-        tower = parts["vision_tower"]
+    def _load_checkpoint(self, checkpoint: LoadedCheckpoint) -> None:
+        tower = dict(checkpoint.parts[VISION_TOWER])
         kernel_key = "embeddings.patch_embeddings.projection.weight"
         bias_key = "embeddings.patch_embeddings.projection.bias"
         released = tower[kernel_key]
@@ -215,9 +262,9 @@ class EarthMindBackbone(TokenBackbone):
             aux = {"projection.weight": self._kernel_for(released, others[0]), "projection.bias": tower[bias_key]}
             load_strict(self.aux_patch_embeddings, aux, checkpoint.directory, f"{others[0].name} patch embedding")
         if self.projector is not None:
-            load_strict(self.projector, parts["projector"], checkpoint.directory, "projector")
+            load_strict(self.projector, checkpoint.parts[PROJECTOR], checkpoint.directory, "projector")
         if self.gate is not None:
-            load_strict(self.gate, parts["gate"], checkpoint.directory, "cross-modal gate")
+            load_strict(self.gate, checkpoint.parts[GATE], checkpoint.directory, "cross-modal gate")
 
     @staticmethod
     def _kernel_for(released: torch.Tensor, modality) -> torch.Tensor:
@@ -253,7 +300,7 @@ class EarthMindBackbone(TokenBackbone):
         return embeddings.dropout(tokens)
 
     def forward_modalities(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> EarthMindOutput:
-        """Run the tower on every modality (one batch), then the projector and the gating.
+        """Run the tower on every modality (one batch), then the projector and the fusion.
 
         Args:
             x: A dict ``{modality: [B, C_m, H, W]}`` or a stacked ``[B, in_chans, H, W]`` tensor.

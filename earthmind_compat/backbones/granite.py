@@ -215,8 +215,17 @@ class GraniteBackbone(TokenBackbone):
                 f"{directory}/config.json is not a valid Granite 4.0 config ({type(exc).__name__}: "
                 f"{str(exc).strip().splitlines()[-1]}). Use the config.json saved with the checkpoint."
             ) from None
-        with torch.device("meta"):
-            planned = GraniteMoeHybridModel(planned_config)
+        try:
+            with torch.device("meta"):
+                planned = GraniteMoeHybridModel(planned_config)
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            # e.g. transformers 4.x with neither ``layer_types`` nor ``layers_block_type``: no type per layer
+            raise WeightsError(
+                f"{directory}/config.json does not describe the model's layers ({type(exc).__name__} while building "
+                f"it: {exc}), so it cannot say which blocks the checkpoint holds and which blocks the checkpoint "
+                "does not hold. Use the config.json saved with the checkpoint (it needs num_hidden_layers and the "
+                "per-layer types)."
+            ) from None
         check_shapes_on_meta(planned, directory, layout.prefixes["language model"])  # before allocating anything
         del planned
         return GraniteMoeHybridModel.from_pretrained(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import nn
@@ -10,18 +10,18 @@ from transformers import InternVLConfig, InternVLVisionConfig, InternVLVisionMod
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
 from earthmind_compat.arguments import resolve_dtype
-from earthmind_compat.backbones.base import BackboneSpec, CheckpointLayout, TokenBackbone, resolve_out_indices
+from earthmind_compat.backbones.base import BackboneSpec, TokenBackbone, resolve_out_indices
+from earthmind_compat.backbones.loader import (
+    CHECKPOINT_LAYOUTS,
+    PROJECTOR,
+    VISION_TOWER,
+    LoadedCheckpoint,
+    load_checkpoint,
+    load_strict,
+)
 from earthmind_compat.bands import adapt_patch_weight, resolve_bands
 from earthmind_compat.compat import first_tensor
-from earthmind_compat.errors import InputError, WeightsError
-from earthmind_compat.weights import (
-    check_shapes_on_meta,
-    find_prefix,
-    load_tensors,
-    read_config,
-    refuse_remote_code,
-    resolve_weights_dir,
-)
+from earthmind_compat.errors import InputError
 
 #: Vision-tower presets. ``full`` is InternViT-300M-448px-V2.5 as used by InternVL2.5-1B/2B/4B/8B;
 #: ``internvit_6b`` is InternViT-6B-448px-V2.5 of InternVL2.5-26B/38B/78B. ``text_hidden_size`` is the
@@ -70,6 +70,13 @@ INTERNVL_PRESETS: dict[str, dict] = {
     },
 }
 
+#: The released checkpoint ``pretrained=True`` loads, per preset (``full``: InternVL2.5-4B's own release, remote
+#: layout; ``internvit_6b``: the standalone InternViT-6B-448px-V2.5, the tower of InternVL2.5-26B/38B/78B).
+INTERNVL_HUB_IDS: dict[str, str] = {
+    "full": "OpenGVLab/InternVL2_5-4B",
+    "internvit_6b": "OpenGVLab/InternViT-6B-448px-V2_5",
+}
+
 #: LoRA targets of the InternViT tower: attention projections and the MLP.
 INTERNVIT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")
 
@@ -104,7 +111,7 @@ def pixel_shuffle(features: torch.Tensor, scale_factor: float = DOWNSAMPLE_RATIO
 
 def vision_config_from_preset(preset: dict, in_chans: int, image_size: int | None) -> InternVLVisionConfig:
     """Build the native :class:`InternVLVisionConfig` of a preset for ``in_chans`` input bands."""
-    settings = {k: v for k, v in preset.items() if k != "text_hidden_size"}
+    settings = {k: v for k, v in preset.items() if k not in ("text_hidden_size", "num_channels")}
     if image_size is not None:
         settings["image_size"] = image_size
     return InternVLVisionConfig(num_channels=in_chans, **settings)
@@ -126,6 +133,18 @@ def projector_config(vision_config: InternVLVisionConfig, text_hidden_size: int)
         downsample_ratio=DOWNSAMPLE_RATIO,
         projector_hidden_act="gelu",
     )
+
+
+def checkpoint_parts(settings: dict, parts: Collection[str]) -> dict[str, nn.Module]:
+    """The InternVL parts a checkpoint holds, built from its settings as it stores them (its patch kernel's bands).
+
+    The part builder of :func:`~earthmind_compat.backbones.loader.load_checkpoint` (call it on the meta device).
+    """
+    vision = vision_config_from_preset(settings, int(settings.get("num_channels", 3)), None)
+    out: dict[str, nn.Module] = {VISION_TOWER: InternVLVisionModel(vision)}
+    if PROJECTOR in parts:
+        out[PROJECTOR] = InternVLMultiModalProjector(projector_config(vision, settings["text_hidden_size"]))
+    return out
 
 
 def check_projector_grid(rows: int, cols: int, height: int, width: int, patch_size: int) -> None:
@@ -177,9 +196,13 @@ class InternVLBackbone(TokenBackbone):
 
     Args:
         preset: ``"tiny"`` (tests), ``"full"`` (InternViT-300M, InternVL2.5-4B) or ``"internvit_6b"``.
-        weights: Local directory or hub id of a native-format checkpoint (``InternVLVisionModel`` or a whole
-            ``InternVLForConditionalGeneration``/``InternVLModel``, e.g. the ``-hf`` repositories).
-        pretrained: With ``weights`` unset, True means the published ``OpenGVLab/InternVL2_5-4B-MPO-hf``.
+        weights: Local directory or hub id of a checkpoint in any InternVL-family layout
+            (:data:`~earthmind_compat.backbones.loader.LAYOUTS`): native ``InternVLForConditionalGeneration`` /
+            ``InternVLModel`` / ``InternVLVisionModel`` (the ``-hf`` repositories), InternVL's release
+            (``internvl_chat``), the standalone InternViT (``intern_vit_6b``) or EarthMind's release
+            (``sa2va_chat``, whose tower is InternVL2.5-4B's); remote layouts are read as data.
+        pretrained: With ``weights`` unset, True loads the published release of the preset
+            (:data:`INTERNVL_HUB_IDS`: ``OpenGVLab/InternVL2_5-4B``, or ``OpenGVLab/InternViT-6B-448px-V2_5``).
         in_chans: Number of input bands (default 3, or ``len(bands)``).
         bands: Band names; RED/GREEN/BLUE reuse their pretrained kernels, others the RGB mean.
         out_indices: Transformer layers whose outputs are returned (default: four spread over the depth).
@@ -203,18 +226,8 @@ class InternVLBackbone(TokenBackbone):
         presets=INTERNVL_PRESETS,
         input_sizes={"tiny": 56, "full": 448, "internvit_6b": 448},
         lora_targets=INTERNVIT_LORA_TARGETS,
-        hub_id="OpenGVLab/InternVL2_5-4B-MPO-hf",
-        checkpoint_layouts=(
-            CheckpointLayout(
-                model_types=("internvl", "internvl_vision"),
-                prefixes={
-                    "vision tower": ("model.vision_tower.", "vision_tower.", ""),
-                    "projector": ("model.multi_modal_projector.", "multi_modal_projector."),
-                },
-                description="native transformers format: a whole InternVLForConditionalGeneration or InternVLModel "
-                "(the -hf repositories), or an InternVLVisionModel alone",
-            ),
-        ),
+        hub_id=INTERNVL_HUB_IDS["full"],
+        checkpoint_layouts=CHECKPOINT_LAYOUTS,
         cls_token=True,
     )
 
@@ -238,26 +251,23 @@ class InternVLBackbone(TokenBackbone):
         compute_dtype = resolve_dtype(dtype)
         self.in_chans, self.bands = resolve_bands(in_chans, bands)
         weights = self.weights_source(weights, pretrained)
-        checkpoint = None
+        checkpoint: LoadedCheckpoint | None = None
         if weights is not None:
-            checkpoint = resolve_weights_dir(weights)
-            settings.update(self._settings_from_checkpoint(checkpoint))
+            parts = (VISION_TOWER, PROJECTOR) if with_projector else (VISION_TOWER,)
+            checkpoint = load_checkpoint(weights, settings, checkpoint_parts, parts, allow_pickle)
+            settings = checkpoint.settings
         self.text_hidden_size = settings["text_hidden_size"]
         self.vision_config = vision_config_from_preset(settings, self.in_chans, image_size)
-        if checkpoint is not None:
-            with torch.device("meta"):
-                planned = InternVLVisionModel(self.vision_config)
-            check_shapes_on_meta(planned, checkpoint, _prefixes("vision tower"), ignore=(_PATCH_KERNEL,))
         self.model = InternVLVisionModel(self.vision_config)
         self.projector: nn.Module | None = None
         if with_projector:
             self.projector = InternVLMultiModalProjector(projector_config(self.vision_config, self.text_hidden_size))
         if checkpoint is not None:
-            self._load_checkpoint(checkpoint, allow_pickle)
+            self._load_checkpoint(checkpoint)
 
         num_layers = self.vision_config.num_hidden_layers
         self.out_indices = resolve_out_indices(out_indices, num_layers)
-        self.projector_layer = num_layers - 1
+        self.projector_layer = checkpoint.projector_layer if checkpoint is not None else num_layers - 1
         self.keep_cls_token = bool(keep_cls_token)
         self.has_cls_token = self.keep_cls_token
         self.patch_size = int(self.vision_config.patch_size[0])
@@ -268,42 +278,19 @@ class InternVLBackbone(TokenBackbone):
         self.to(compute_dtype)
 
     # -- weights -----------------------------------------------------------------------------------------
-    @staticmethod
-    def _settings_from_checkpoint(directory) -> dict:
-        config = read_config(directory)
-        refuse_remote_code(config, directory)
-        model_type = config.get("model_type")
-        if model_type not in InternVLBackbone.spec.model_types:
-            raise WeightsError(
-                f"{directory} holds a {model_type!r} checkpoint; expected a native InternVL checkpoint "
-                f"(model_type {' or '.join(map(repr, InternVLBackbone.spec.model_types))})."
-            )
-        if model_type == "internvl":
-            vision = InternVLVisionConfig(**config.get("vision_config", {}))
-            text_hidden = config.get("text_config", {}).get("hidden_size", 2048)
-        else:  # internvl_vision: the tower alone
-            vision = InternVLVisionConfig(**config)
-            text_hidden = INTERNVL_PRESETS["full"]["text_hidden_size"]
-        keys = [k for k in INTERNVL_PRESETS["full"] if k != "text_hidden_size"]
-        settings = {k: getattr(vision, k) for k in keys}
-        settings["image_size"] = int(vision.image_size[0])
-        settings["patch_size"] = int(vision.patch_size[0])
-        settings["text_hidden_size"] = text_hidden
-        return settings
+    def weights_source(self, weights: str | None, pretrained: bool) -> str | None:
+        """``weights``, or with ``pretrained`` the release of this preset (:data:`INTERNVL_HUB_IDS`)."""
+        return INTERNVL_HUB_IDS.get(self.preset, self.spec.hub_id) if weights is None and pretrained else weights
 
-    def _load_checkpoint(self, directory, allow_pickle: bool) -> None:
-        prefix = find_prefix(directory, _prefixes("vision tower"), "embeddings.", allow_pickle)
-        tower = load_tensors(directory, (prefix,), allow_pickle)
-        patch_key = _PATCH_KERNEL
-        rgb_kernel = patch_key in tower and tower[patch_key].shape[1] == 3
+    def _load_checkpoint(self, checkpoint: LoadedCheckpoint) -> None:
+        tower = dict(checkpoint.parts[VISION_TOWER])
+        rgb_kernel = _PATCH_KERNEL in tower and tower[_PATCH_KERNEL].shape[1] == 3
         if rgb_kernel and (self.in_chans != 3 or self.bands is not None):
             # named bands are mapped by name even when there are three of them (BLUE, GREEN, RED -> reordered)
-            tower[patch_key] = adapt_patch_weight(tower[patch_key], self.in_chans, self.bands)
-        load_strict(self.model, tower, directory, "vision tower")
+            tower[_PATCH_KERNEL] = adapt_patch_weight(tower[_PATCH_KERNEL], self.in_chans, self.bands)
+        load_strict(self.model, tower, checkpoint.directory, "vision tower")
         if self.projector is not None:
-            prefix = find_prefix(directory, _prefixes("projector"), "linear_1.", allow_pickle)
-            projector = load_tensors(directory, (prefix,), allow_pickle)
-            load_strict(self.projector, projector, directory, "projector")
+            load_strict(self.projector, checkpoint.parts[PROJECTOR], checkpoint.directory, "projector")
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, **kwargs: object) -> list[torch.Tensor]:
@@ -327,33 +314,3 @@ class InternVLBackbone(TokenBackbone):
         if projected is not None:
             features.append(projected)
         return [feature.to(x.dtype) for feature in features]
-
-
-def _prefixes(part: str) -> tuple[str, ...]:
-    """Key prefixes of ``part`` in InternVL's checkpoint layout (``InternVLBackbone.spec``)."""
-    return InternVLBackbone.spec.checkpoint_layouts[0].prefixes[part]
-
-
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], directory, what: str) -> None:
-    """Load ``state`` into ``module`` requiring every parameter filled and every tensor used.
-
-    Raises:
-        WeightsError: listing missing and unexpected keys, or shapes that differ.
-    """
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong_shape:
-        details = []
-        if missing:
-            details.append(f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            details.append(f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-        if wrong_shape:
-            details.append(
-                "wrong shape "
-                + ", ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong_shape[:5])
-            )
-        raise WeightsError(f"The {what} checkpoint in {directory} does not match the model: {'; '.join(details)}.")
-    module.load_state_dict(state, strict=True)

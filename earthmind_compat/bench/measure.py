@@ -26,6 +26,7 @@ from torch import nn
 
 from earthmind_compat import optimize
 from earthmind_compat.backbones import InternVLBackbone, backbone_class
+from earthmind_compat.compat import call_with_hidden_states
 from earthmind_compat.errors import unknown_name
 from earthmind_compat.optimize.plan import saved_bytes
 from earthmind_compat.optimize.quantize import weight_storages
@@ -257,10 +258,10 @@ def wrapper_overhead(preset: str = "tiny", batch: int = 2, rounds: int = 21, sid
     try:
         with torch.no_grad():
             for _ in range(2):
-                model(x), bare(x, output_hidden_states=True)
+                model(x), call_with_hidden_states(bare, x)
             for _ in range(rounds):
                 ours_times.append(cost(lambda: model(x)))
-                bare_times.append(cost(lambda: bare(x, output_hidden_states=True)))
+                bare_times.append(cost(lambda: call_with_hidden_states(bare, x)))
     finally:
         torch.set_num_threads(threads)
     ratios = [a / b for a, b in zip(ours_times, bare_times, strict=True)]

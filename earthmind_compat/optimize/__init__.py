@@ -19,7 +19,7 @@ from __future__ import annotations
 from earthmind_compat.optimize.adapters import AdapterExport, export_adapters, load_adapters, merge_lora
 from earthmind_compat.optimize.apply import Applied, apply
 from earthmind_compat.optimize.checkpointing import enable_checkpointing, is_checkpointing
-from earthmind_compat.optimize.experts import QuantizedExperts, quantize_experts
+from earthmind_compat.optimize.experts import QuantizedExperts, QuantizedParallelExperts, quantize_experts
 from earthmind_compat.optimize.families import find_blocks, lora_targets
 from earthmind_compat.optimize.lora import add_lora, lora_parameters
 from earthmind_compat.optimize.options import OPTION_KEYS
@@ -39,6 +39,7 @@ __all__ = [
     "AdapterExport",
     "Applied",
     "QuantizedExperts",
+    "QuantizedParallelExperts",
     "Techniques",
     "add_lora",
     "apply",

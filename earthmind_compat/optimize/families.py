@@ -41,15 +41,21 @@ def _linear_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+#: Path components whose linear layers LoRA never adapts: MoE expert stacks (split per expert when quantized)
+#: and MoE routers (transformers 4.x's Granite router is a linear layer named ``router.layer``; 5.x's holds a
+#: bare weight). Adapting a router would change which experts a token reaches.
+NOT_ADAPTED = ("experts", "router")
+
+
 def derived_lora_targets(backbone: nn.Module) -> tuple[str, ...]:
-    """Names of the linear layers inside the blocks (last path component), excluding MoE expert stacks.
+    """Names of the linear layers inside the blocks (last path component), excluding MoE experts and routers.
 
     This is what a backbone without pinned LoRA targets gets, and what the pinned lists are checked against.
     """
     linear = _linear_types()
     names: list[str] = []
     for path, module in find_blocks(backbone).named_modules():
-        if isinstance(module, linear) and ".experts." not in f".{path}.":
+        if isinstance(module, linear) and not set(path.split(".")[:-1]) & set(NOT_ADAPTED):
             name = path.rsplit(".", 1)[-1]
             if name not in names:
                 names.append(name)

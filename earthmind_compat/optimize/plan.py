@@ -34,7 +34,7 @@ from torch import nn
 
 from earthmind_compat.backbones import backbone_class
 from earthmind_compat.errors import ConfigurationError, unknown_name
-from earthmind_compat.optimize.experts import is_fused_experts, quantize_experts
+from earthmind_compat.optimize.experts import expert_weights, quantize_experts
 from earthmind_compat.optimize.families import find_blocks, linear_paths, lora_targets
 from earthmind_compat.optimize.quantize import BLOCKSIZE_4BIT, quantize_linears
 from earthmind_compat.optimize.sharding import device_states
@@ -120,8 +120,8 @@ def count_weights(backbone: nn.Module, techniques: Techniques, lora_r: int = 8) 
             params += w.numel()
             frozen += w.numel()
             counted.add(id(w))
-        elif quant and is_fused_experts(module):
-            for stack in (module.gate_up_proj, module.down_proj):
+        elif quant and expert_weights(module):  # MoE stacks of either transformers layout
+            for stack in expert_weights(module):
                 per = quantized_weight_bytes(stack.shape[1], stack.shape[2], quant, techniques.double_quant)
                 weights += per * stack.shape[0]
                 params += stack.numel()

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from earthmind_compat.compat import dtype_keyword, refuse_cpu_load_time_quantization
 from earthmind_compat.errors import ConfigurationError, unknown_name
 from earthmind_compat.optimize.techniques import QUANTIZATIONS
 
@@ -106,8 +107,17 @@ def load_quantized(
     Returns:
         The loaded, quantized model. MoE expert stacks are still full precision: pass the model to
         :func:`earthmind_compat.optimize.experts.quantize_experts` for them.
+
+    Raises:
+        ConfigurationError: on the CPU with a transformers release that refuses to quantize there (before 4.53).
     """
+    if not _on_accelerator(device_map):
+        refuse_cpu_load_time_quantization()
     config = bnb_config(quantization, double_quant, compute_dtype, kwargs.pop("skip_modules", None))
+    # The parameters bitsandbytes does not quantize keep the checkpoint's dtype: transformers 4.x would load
+    # them in float16 (its bitsandbytes default), which also changes the MoE experts quantized afterwards.
+    if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+        kwargs[dtype_keyword()] = "auto"
     model = model_class.from_pretrained(
         str(directory),
         quantization_config=config,
@@ -124,6 +134,15 @@ def load_quantized(
         if is_quantized_linear(layer):
             restore_quant_state_on_load(layer)
     return model
+
+
+def _on_accelerator(device_map: str | dict) -> bool:
+    """Whether ``device_map`` places anything on an accelerator (``"auto"`` does so only where CUDA exists)."""
+    places = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
+    places = {str(place) for place in places}
+    if places == {"auto"}:
+        return torch.cuda.is_available()
+    return any(place not in ("cpu", "disk") for place in places)
 
 
 #: Marks a layer whose load hook is installed, so it is installed once.

@@ -17,7 +17,14 @@ from typing import Any
 #: Version of the cells file and of the result files.
 SCHEMA = 1
 CELLS_FILE = Path("matrices/cells.toml")
-AXES = ("python", "torch", "torchvision", "terratorch", "transformers")
+AXES = ("python", "torch", "torchvision", "terratorch", "transformers", "peft", "bitsandbytes")
+#: Axes a ``pinned`` cell must name; peft and bitsandbytes are optional (the resolver picks them otherwise).
+REQUIRED_AXES = ("python", "torch", "torchvision", "terratorch", "transformers")
+#: How a cell's environment is resolved: ``pinned`` installs its exact versions; ``highest`` resolves the newest
+#: releases that fit together at run time (the ``latest`` cell); ``lowest-direct`` installs every direct
+#: dependency at the floor ``pyproject.toml`` declares (uv ``--resolution lowest-direct``).
+RESOLUTIONS = ("pinned", "highest", "lowest-direct")
+_VERSION_AXES = ("torch", "torchvision", "terratorch", "transformers", "peft", "bitsandbytes")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -36,20 +43,27 @@ class Cell:
         torchvision: Exact torchvision version.
         terratorch: Exact TerraTorch version.
         transformers: Exact transformers version.
+        peft: Exact peft version, or ``None`` (resolved).
+        bitsandbytes: Exact bitsandbytes version, or ``None`` (resolved).
         pins: Extra requirement strings installed with the cell.
         axis: What the cell is there to show.
         excluded: Why the cell is not run, or ``None`` when it is run.
+        resolution: One of :data:`RESOLUTIONS`; the version axes of a non-``pinned`` cell are resolved at run time
+            (the result records what was installed).
     """
 
     id: str
     python: str
-    torch: str
-    torchvision: str
-    terratorch: str
-    transformers: str
+    torch: str | None = None
+    torchvision: str | None = None
+    terratorch: str | None = None
+    transformers: str | None = None
+    peft: str | None = None
+    bitsandbytes: str | None = None
     pins: tuple[str, ...] = ()
     axis: str = ""
     excluded: str | None = None
+    resolution: str = "pinned"
 
     @property
     def active(self) -> bool:
@@ -57,13 +71,14 @@ class Cell:
         return self.excluded is None
 
     def requirements(self) -> list[str]:
-        """The ``==`` pins of the cell followed by its extra pins."""
-        return [
-            f"torch=={self.torch}",
-            f"torchvision=={self.torchvision}",
-            f"terratorch=={self.terratorch}",
-            f"transformers=={self.transformers}",
-            *self.pins,
+        """The ``==`` pins of the cell (the axes it names) followed by its extra pins."""
+        named = [(axis, getattr(self, axis)) for axis in _VERSION_AXES]
+        return [f"{axis}=={version}" for axis, version in named if version is not None] + list(self.pins)
+
+    def resolver_options(self) -> list[str]:
+        """Extra ``uv pip install`` options of the cell's resolution."""
+        return {"pinned": [], "highest": ["--upgrade"], "lowest-direct": ["--resolution", "lowest-direct"]}[
+            self.resolution
         ]
 
 
@@ -96,15 +111,21 @@ def load_cells(path: str | Path = CELLS_FILE) -> list[Cell]:
         raise MatrixError(f"{path}: no [[cell]] tables")
     cells: list[Cell] = []
     seen: set[str] = set()
-    known = {"id", "python", "torch", "torchvision", "terratorch", "transformers", "pins", "axis", "excluded"}
+    known = {"id", *AXES, "pins", "axis", "excluded", "resolution"}
     for index, raw in enumerate(raw_cells):
         where = f"{path}: cell #{index + 1}"
         unknown = sorted(set(raw) - known)
         if unknown:
             raise MatrixError(f"{where}: unknown keys {unknown}")
-        for key in ("id", *AXES):
+        resolution = raw.get("resolution", "pinned")
+        if resolution not in RESOLUTIONS:
+            raise MatrixError(f"{where}: resolution must be one of {RESOLUTIONS}, found {resolution!r}")
+        required = ("id", *REQUIRED_AXES) if resolution == "pinned" else ("id", "python")
+        for key in (*required, *(axis for axis in AXES if axis in raw)):
             if not isinstance(raw.get(key), str) or not raw[key]:
                 raise MatrixError(f"{where}: '{key}' must be a non-empty string")
+        if resolution != "pinned" and any(axis in raw for axis in _VERSION_AXES):
+            raise MatrixError(f"{where}: a '{resolution}' cell resolves its versions; it pins none of {_VERSION_AXES}")
         if not _ID_RE.match(raw["id"]):
             raise MatrixError(f"{where}: id {raw['id']!r} may only use letters, digits, '.', '_' and '-'")
         if raw["id"] in seen:
@@ -122,13 +143,11 @@ def load_cells(path: str | Path = CELLS_FILE) -> list[Cell]:
             Cell(
                 id=raw["id"],
                 python=raw["python"],
-                torch=raw["torch"],
-                torchvision=raw["torchvision"],
-                terratorch=raw["terratorch"],
-                transformers=raw["transformers"],
+                **{axis: raw.get(axis) for axis in _VERSION_AXES},
                 pins=tuple(pins),
                 axis=str(raw.get("axis", "")),
                 excluded=excluded,
+                resolution=resolution,
             )
         )
     return cells

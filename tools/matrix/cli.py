@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tools.matrix.cells import CELLS_FILE, MatrixError, active_cells, github_matrix, load_cells
+from tools.matrix.cells import CELLS_FILE, RESOLUTIONS, MatrixError, active_cells, github_matrix, load_cells
 from tools.matrix.rendering import render
 from tools.matrix.results import RESULTS_DIR, load_results
 
@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate_p.add_argument("--root", default=".", help="repository root (default: current directory)")
     cells_p = sub.add_parser("cells", help="print the active cell ids, one a line")
     cells_p.add_argument("--root", default=".", help="repository root (default: current directory)")
+    cells_p.add_argument(
+        "--resolution", choices=RESOLUTIONS, help="only the cells resolved this way (e.g. highest: the latest cell)"
+    )
     gha_p = sub.add_parser("gha-matrix", help="turn `nox -l --json` (stdin) into a GitHub Actions matrix (stdout)")
     gha_p.add_argument("--session", default="compat", help="nox session name (default: compat)")
     return parser
@@ -57,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "cells":
             for cell in active_cells(load_cells(Path(args.root) / CELLS_FILE)):
-                print(cell.id)
+                if args.resolution in (None, cell.resolution):
+                    print(cell.id)
             return 0
         listing = json.load(sys.stdin)
         print(json.dumps(github_matrix(listing, args.session), sort_keys=True))

@@ -41,12 +41,27 @@ VERSION_PACKAGES = (
     "pytest",
     "earthmind-compat",
 )
-STATUSES = ("pass", "fail")
+#: ``upstream``: nothing failed, but some tests are expected failures (``xfail(strict=True)``) for documented
+#: upstream bugs. A strict xfail that passes (the upstream bug was fixed) is a failure, so the cell turns red.
+STATUSES = ("pass", "upstream", "fail")
+#: Counters every test layer carries; ``xfailed`` and ``xpassed`` were added later and default to 0 in files
+#: written before them. An ``xpassed`` test is also counted in ``failed`` (pytest fails a strict XPASS).
+COUNTS = ("passed", "failed", "skipped")
+EXPECTED_COUNTS = ("xfailed", "xpassed")
+_XPASS_STRICT = "[XPASS(strict)]"
 ROW_STATUSES = ("pass", "fail", "skip")
 
 
+def _junit_root(path: str | Path) -> ET.Element:
+    """The root element of a JUnit XML file, or our error naming the file."""
+    try:
+        return ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as exc:
+        raise MatrixError(f"{path}: cannot read JUnit XML: {exc}") from exc
+
+
 def junit_layers(path: str | Path) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
-    """Count pass / fail / skip per test layer from a pytest JUnit XML file.
+    """Count pass / fail / skip / xfail per test layer from a pytest JUnit XML file.
 
     The layer of a test case is read from its ``layers`` property, which the pytest plugin
     ``matrices/pytest_layers.py`` records from the test's markers (first layer in :data:`LAYERS` order);
@@ -56,16 +71,14 @@ def junit_layers(path: str | Path) -> tuple[dict[str, dict[str, float]], list[di
         path: The ``--junitxml`` file.
 
     Returns:
-        ``(layers, failures)``: per-layer ``passed/failed/skipped/seconds``, and one entry per failed
-        or errored test with its layer and the first line of its message, sorted by test id.
+        ``(layers, failures)``: per-layer ``passed/failed/skipped/xfailed/xpassed/seconds``, and one entry per
+        failed or errored test with its layer and the first line of its message, sorted by test id. Expected
+        failures (``<skipped type="pytest.xfail">``) are not failures; use :func:`junit_expected` for them.
 
     Raises:
         MatrixError: If the file cannot be parsed.
     """
-    try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError) as exc:
-        raise MatrixError(f"{path}: cannot read JUnit XML: {exc}") from exc
+    root = _junit_root(path)
     layers: dict[str, dict[str, float]] = {}
     failures: list[dict[str, str]] = []
     for case in root.iter("testcase"):
@@ -73,25 +86,52 @@ def junit_layers(path: str | Path) -> tuple[dict[str, dict[str, float]], list[di
         for prop in case.iter("property"):
             if prop.get("name") == "layers" and prop.get("value"):
                 layer = prop.get("value", UNMARKED).split(",")[0]
-        counts = layers.setdefault(layer, {"passed": 0, "failed": 0, "skipped": 0, "seconds": 0.0})
+        counts = layers.setdefault(layer, dict.fromkeys((*COUNTS, *EXPECTED_COUNTS), 0) | {"seconds": 0.0})
         counts["seconds"] += float(case.get("time", "0") or 0)
         bad = case.find("failure")
         if bad is None:
             bad = case.find("error")
+        skipped = case.find("skipped")
         if bad is not None:
             counts["failed"] += 1
+            if (bad.get("message") or "").startswith(_XPASS_STRICT):
+                counts["xpassed"] += 1
             name = f"{case.get('classname', '')}::{case.get('name', '')}"
             failures.append({"test": name, "layer": layer, "message": failure_message(bad)})
-        elif case.find("skipped") is not None:
+        elif skipped is not None and skipped.get("type") == "pytest.xfail":
+            counts["xfailed"] += 1
+        elif skipped is not None:
             counts["skipped"] += 1
         else:
             counts["passed"] += 1
     for counts in layers.values():
         counts["seconds"] = round(counts["seconds"], 1)
-        for key in ("passed", "failed", "skipped"):
+        for key in (*COUNTS, *EXPECTED_COUNTS):
             counts[key] = int(counts[key])
     failures.sort(key=lambda f: f["test"])
     return dict(sorted(layers.items(), key=lambda kv: _layer_order(kv[0]))), failures
+
+
+def junit_expected(path: str | Path) -> list[dict[str, str]]:
+    """The expected failures (strict xfails that failed as expected) of a JUnit XML file, with their reasons.
+
+    Args:
+        path: The ``--junitxml`` file.
+
+    Returns:
+        ``{"test", "reason"}`` per expected failure (the reason names the upstream bug), sorted by test id.
+
+    Raises:
+        MatrixError: If the file cannot be parsed.
+    """
+    root = _junit_root(path)
+    expected = []
+    for case in root.iter("testcase"):
+        skipped = case.find("skipped")
+        if skipped is not None and skipped.get("type") == "pytest.xfail":
+            name = f"{case.get('classname', '')}::{case.get('name', '')}"
+            expected.append({"test": name, "reason": _SITE_PACKAGES.sub("site-packages/", skipped.get("message", ""))})
+    return sorted(expected, key=lambda e: e["test"])
 
 
 _SITE_PACKAGES = re.compile(r"/\S*?/site-packages/")
@@ -176,25 +216,25 @@ def build_result(
         versions: Installed versions (``python`` plus :data:`VERSION_PACKAGES`).
         declared: ``{"ok": bool, "detail": str}``: whether the package's own requirements admit the pins.
         install: ``{"ok": bool, "detail": str}``: whether the cell's environment could be installed.
-        tests: ``{"exit_code", "detail", "layers", "failures"}`` from the pytest run, or ``None``.
+        tests: ``{"exit_code", "detail", "layers", "failures", "expected"}`` from the pytest run, or ``None``.
         check: ``{"exit_code", "detail", ...}`` plus :func:`read_check` output, or ``None``.
         durations: Wall seconds per phase.
         source: What code was tested, e.g. ``{"commit": sha, "dirty": bool}`` (a run tests the work tree).
 
     Returns:
         The result document; ``status`` is ``"pass"`` only if install, every test and every check row
-        passed (a pin outside the package's declared range is reported, not failed).
+        passed (a pin outside the package's declared range is reported, not failed), ``"upstream"`` if so
+        but some tests failed as expected (documented upstream bugs), ``"fail"`` otherwise.
     """
     layers = dict((tests or {}).get("layers", {}))
-    test_summary = {
-        key: int(sum(int(c.get(key, 0)) for c in layers.values())) for key in ("passed", "failed", "skipped")
-    }
+    test_summary = {key: int(sum(int(c.get(key, 0)) for c in layers.values())) for key in (*COUNTS, *EXPECTED_COUNTS)}
     tests_doc = {
         "exit_code": (tests or {}).get("exit_code"),
         "detail": str((tests or {}).get("detail", "not run")),
         **test_summary,
         "layers": layers,
         "failures": list((tests or {}).get("failures", [])),
+        "expected": list((tests or {}).get("expected", [])),
     }
     check_doc = {
         "exit_code": (check or {}).get("exit_code"),
@@ -218,7 +258,8 @@ def build_result(
     return {
         "schema": SCHEMA,
         "cell": cell.id,
-        "requested": {axis: getattr(cell, axis) for axis in AXES} | {"pins": list(cell.pins)},
+        "requested": {axis: getattr(cell, axis) for axis in AXES}
+        | {"pins": list(cell.pins), "resolution": cell.resolution},
         "versions": dict(sorted(versions.items())),
         "declared": {"ok": bool(declared.get("ok")), "detail": str(declared.get("detail", ""))},
         "install": {"ok": bool(install.get("ok")), "detail": str(install.get("detail", ""))},
@@ -226,7 +267,7 @@ def build_result(
         "check": check_doc,
         "durations": {k: round(float(v), 1) for k, v in sorted((durations or {}).items())},
         "source": dict(source or {}),
-        "status": "pass" if ok else "fail",
+        "status": ("upstream" if test_summary["xfailed"] else "pass") if ok else "fail",
     }
 
 
@@ -264,6 +305,9 @@ def validate_result(data: Any, cell_id: str | None = None) -> list[str]:
         for key in ("passed", "failed", "skipped"):
             if not isinstance(block.get(key), int) or block[key] < 0:
                 problems.append(f"{name}.{key} must be a non-negative integer")
+    for key in EXPECTED_COUNTS:
+        if not isinstance(tests.get(key, 0), int) or tests.get(key, 0) < 0:
+            problems.append(f"tests.{key} must be a non-negative integer")
     layers = tests.get("layers")
     if not isinstance(layers, dict):
         problems.append("tests.layers must be an object")
@@ -274,9 +318,9 @@ def validate_result(data: Any, cell_id: str | None = None) -> list[str]:
             ):
                 problems.append(f"tests.layers.{layer} needs non-negative integer passed/failed/skipped")
         if not problems:
-            for key in ("passed", "failed", "skipped"):
-                total = sum(c[key] for c in layers.values())
-                if total != tests[key]:
+            for key in (*COUNTS, *EXPECTED_COUNTS):
+                total = sum(c.get(key, 0) for c in layers.values())
+                if total != tests.get(key, 0):
                     problems.append(f"tests.{key} is {tests[key]} but the layers add up to {total}")
     rows = check.get("rows")
     if not isinstance(rows, list):
@@ -292,11 +336,14 @@ def validate_result(data: Any, cell_id: str | None = None) -> list[str]:
                 total = sum(r["status"] == status for r in rows)
                 if total != check[key]:
                     problems.append(f"check.{key} is {check[key]} but the rows count {total}")
-    if not problems and data["status"] == "pass":
+    if not problems and data["status"] in ("pass", "upstream"):
+        status = data["status"]
         if tests["failed"] or check["failed"] or not data["install"].get("ok"):
-            problems.append("status is 'pass' but a test, a check row or the install failed")
+            problems.append(f"status is '{status}' but a test, a check row or the install failed")
         if not tests["passed"] or not check["passed"]:
-            problems.append("status is 'pass' but no test or no check row passed")
+            problems.append(f"status is '{status}' but no test or no check row passed")
+        if (status == "upstream") != bool(tests.get("xfailed", 0)):
+            problems.append(f"status is '{status}' but {tests.get('xfailed', 0)} tests failed as expected")
     return problems
 
 
