@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -49,10 +50,38 @@ PROBES = {
     "earthmind_v1": ((512, 1024), (224, 448)),
     "granite_4_tiny": ((768, 1536), (256, 512)),
 }
+#: The default suite's cases: every backbone x technique at width 128 and 64 tokens (a second or two each).
+SMOKE_PROBES = {
+    "internvl2_5_4b": ((128,), (112,)),
+    "earthmind_v1": ((128,), (112,)),
+    "granite_4_tiny": ((128,), (128,)),
+}
+#: ``EARTHMIND_PLANNER_GRID=full`` (what ``nox -s planner_accuracy`` sets) runs the issue's grid, 84 cases of
+#: 5 to 90 s each; unset or ``smoke``, the same test runs the 21 small cases above.
+PLANNER_GRID = os.environ.get("EARTHMIND_PLANNER_GRID", "smoke")
+if PLANNER_GRID not in ("smoke", "full"):
+    raise pytest.UsageError(f"EARTHMIND_PLANNER_GRID={PLANNER_GRID!r}: use 'smoke' (the default) or 'full'.")
+
+
+def _grid_cases() -> list:
+    probes = PROBES if PLANNER_GRID == "full" else SMOKE_PROBES
+    cases = []
+    for name in sorted(probes):
+        widths, sizes = probes[name]
+        for technique in PLANNED_TECHNIQUES:
+            for width in widths:
+                for size in sizes:
+                    marks = [pytest.mark.slow] if PLANNER_GRID == "full" else []
+                    cases.append(
+                        pytest.param(
+                            name, technique, width, size, id=f"{name}-{technique}-w{width}-{size}px", marks=marks
+                        )
+                    )
+    return cases
 
 
 def _probe_preset(monkeypatch: pytest.MonkeyPatch, name: str, width: int) -> str:
-    """A preset of two blocks at ``width`` (the full preset's, or half of it with heads and MLP halved too).
+    """A preset of two blocks at ``width`` (heads and MLP scaled with it), registered for the test.
 
     Two blocks keep a CPU step within seconds and still show every term: a block's own memory, the sum over
     blocks, one block's backward workspace. Granite gets one Mamba and one attention block, and 8 experts of
@@ -63,6 +92,7 @@ def _probe_preset(monkeypatch: pytest.MonkeyPatch, name: str, width: int) -> str
     if name == "granite_4_tiny":
         settings.update(layer_types=["mamba", "attention"], num_local_experts=8, num_experts_per_tok=2)
         settings.update(hidden_size=width, mamba_n_heads=2 * width // 64, num_attention_heads=width // 64)
+        settings.update(num_key_value_heads=min(4, width // 64))  # 4 as released, fewer at width 128
     else:
         settings.update(hidden_size=width, num_attention_heads=width // 64, intermediate_size=4 * width)
     key = f"probe_{width}"
@@ -81,30 +111,12 @@ def _error(name: str, technique: str, batch: int, size: int, preset: str = "tiny
     return (estimate - measured) / measured
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("size_index", [0, 1], ids=["small_image", "large_image"])
-@pytest.mark.parametrize("width_index", [0, 1], ids=["half_width", "full_width"])
-@pytest.mark.parametrize("technique", PLANNED_TECHNIQUES)
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(raises=AssertionError, reason=reason, strict=False))
-        if reason
-        else name
-        for name, reason in (
-            # within 10 % but below the measurement: what is missing is not attributed yet (issue 17 open)
-            ("earthmind_v1", "below the measurement: none -2.4 %, nf4 -3.0 %"),
-            ("granite_4_tiny", "all 28 cases measured: -7.6 % .. +2.1 %, below in 24 (not ckpt)"),
-            ("internvl2_5_4b", ""),
-        )
-    ],
-)
-def test_activation_estimate_within_10_percent_never_below(monkeypatch, name, technique, width_index, size_index):
+@pytest.mark.parametrize(("name", "technique", "width", "size"), _grid_cases())
+def test_activation_estimate_within_10_percent_never_below(monkeypatch, name, technique, width, size):
     """The planner's activation peak against the measured one (CPU allocator events), batch 2: in [0, +10 %]."""
-    widths, sizes = PROBES[name]
-    preset = _probe_preset(monkeypatch, name, widths[width_index])
-    error = _error(name, technique, 2, sizes[size_index], preset)
-    assert 0.0 <= error <= 0.10, f"{name} {technique} width {widths[width_index]} {sizes[size_index]} px: {error:+.1%}"
+    preset = _probe_preset(monkeypatch, name, width)
+    error = _error(name, technique, 2, size, preset)
+    assert 0.0 <= error <= 0.10, f"{name} {technique} width {width} {size} px: {error:+.1%}"
 
 
 def test_plan_adds_up_and_decides_fit():

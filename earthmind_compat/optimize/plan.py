@@ -3,16 +3,24 @@
 - Weights, gradients and optimizer state are counted exactly from the backbone built on the meta device
   (no memory used, any preset): each linear layer and MoE expert slice is counted as bitsandbytes stores it
   (packed 4-bit codes + absmax per 64 weights [+ nested scales with dq] + code table, or int8 + row scales).
-- Activations are traced (:func:`block_growth`): one block of each kind is materialised at the real width, the
-  technique is applied to it (real bitsandbytes layers, real LoRA adapters of the planned rank), and it is run
-  at the planned sequence length for 1 and 2 sequences under the PyTorch profiler's allocator events. What its
-  forward leaves allocated (``kept``: output and everything kept for backward, including what bitsandbytes
-  keeps outside the saved-tensor hooks) and its backward's peak above that (``workspace``: output and input
-  gradients, attention's transient gradients, a weight-sized gradient before accumulation, weights
-  bitsandbytes dequantizes) are each ``a + b * batch``. The estimate is the stem (embeddings: two token
-  tensors) plus the gradients of the returned features below the top one (they arrive together when the
-  backward starts), plus every block's kept bytes and the largest workspace. With checkpointing each block
-  keeps only its output and one block at a time is recomputed (its kept bytes plus its workspace).
+- Activations are traced, never derived from a formula. Around the blocks (:func:`trace_skeleton`): the backbone
+  with every block replaced by a stand-in that keeps its input, materialised and run for 1 and 2 images,
+  gives what the stem and the feature handling keep (e.g. EarthMind's concatenation of its modalities copies
+  the tokens and each feature), the features' gradients, the stem's own backward, and each block's input:
+  its sequences, tokens, width and memory layout (Granite's patch embedding hands its blocks transposed
+  tokens, and a block fed those copies them where it reshapes them: one more token tensor per Mamba block,
+  three per attention block). Each block (:func:`block_growth`): one block of each kind is materialised at
+  the real width, the technique is applied to it (real bitsandbytes layers, real LoRA adapters of the
+  planned rank, torch's non-reentrant checkpoint around it), and it is run on an input of that shape and
+  layout for 1 and 2 sequences under the PyTorch profiler's allocator events. What its forward leaves
+  allocated (``kept``: output and everything kept for backward, including what bitsandbytes keeps outside
+  the saved-tensor hooks, which checkpointing does not drop), its forward's own peak (``forward``: weights
+  bitsandbytes dequantizes, expert intermediates) and its backward's peak above what it kept (``workspace``:
+  output and input gradients, attention's transient gradients, a weight-sized gradient before
+  accumulation, with checkpointing the recomputed forward) are each ``a + b * batch``. The estimate is the
+  largest of three moments: a block's forward with the blocks below it holding what they keep; the start
+  of the backward (every block's kept bytes, the features' gradients, the largest workspace); the stem's
+  backward.
 - Per-device figures for DDP, FSDP and ZeRO-3: :mod:`earthmind_compat.optimize.sharding`.
 
 :func:`measure_activation_peak` measures the real peak on CPU with the PyTorch profiler's allocator events
@@ -31,6 +39,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from earthmind_compat.backbones import backbone_class
 from earthmind_compat.errors import ConfigurationError, unknown_name
@@ -237,6 +246,11 @@ class BlockGrowth:
 
     kept: tuple[float, float]
     workspace: tuple[float, float]
+    forward: tuple[float, float] = (0.0, 0.0)
+
+    def forward_bytes(self, batch: int) -> float:
+        """The forward's peak at ``batch`` sequences (above what existed before it)."""
+        return max(0.0, self.forward[0] + self.forward[1] * batch)
 
     def kept_bytes(self, batch: int) -> float:
         """Kept bytes at ``batch`` sequences."""
@@ -280,6 +294,7 @@ def block_growth(
     tokens: int,
     lora_target_names: tuple[str, ...] = (),
     lora_r: int = 8,
+    layout: tuple[int, ...] = (0, 1, 2),
 ) -> BlockGrowth:
     """Trace one block at its real width and sequence length: what its forward keeps, its backward's peak.
 
@@ -288,16 +303,20 @@ def block_growth(
     freed: they are counted as gradients), the forward and the backward are profiled separately
     (:func:`_profiled`): what the forward leaves allocated is ``kept``, the backward's peak above it is
     ``workspace``. The backward gets a real output gradient (a fixed random direction), as from the layers above.
+    The block's input has the memory ``layout`` the backbone gives its blocks (dimensions from the outermost to
+    the innermost, :func:`_layout`): a block fed transposed tokens copies them where it reshapes them.
     """
     block = _prepare_block(block, techniques, lora_target_names, lora_r)
-    kept, workspace = [], []
+    kept, workspace, peak = [], [], []
     for batch in (1, 2):
-        hidden = torch.randn(batch, tokens, hidden_size, requires_grad=True)
+        shape = (batch, tokens, hidden_size)
+        inverse = sorted(range(3), key=layout.__getitem__)
+        hidden = torch.randn([shape[d] for d in layout]).permute(inverse).requires_grad_()
         direction = torch.randn(batch, tokens, hidden_size)
         outputs: list[torch.Tensor] = []
 
         def forward(hidden: torch.Tensor = hidden, outputs: list[torch.Tensor] = outputs) -> None:
-            out = block(hidden)
+            out = checkpoint(block, hidden, use_reentrant=False) if techniques.checkpointing else block(hidden)
             outputs.append(out[0] if isinstance(out, tuple) else out)
 
         def backward(direction: torch.Tensor = direction, outputs: list[torch.Tensor] = outputs) -> None:
@@ -309,9 +328,125 @@ def block_growth(
             if p.grad is not None:
                 p.grad.zero_()
         hidden.grad = None
-        kept.append(_profiled(forward)[1])
+        forward_peak, forward_kept = _profiled(forward)
+        kept.append(forward_kept)
+        peak.append(forward_peak)
         workspace.append(_profiled(backward)[0])
-    return BlockGrowth(_line(*kept), _line(*workspace))
+    return BlockGrowth(_line(*kept), _line(*workspace), _line(*peak))
+
+
+def _layout(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions of ``tensor`` from the outermost (largest stride) to the innermost in memory."""
+    return tuple(sorted(range(tensor.ndim), key=lambda d: (-tensor.stride(d), d)))
+
+
+class _KeepInput(torch.autograd.Function):
+    """What a stand-in block does: keep its input for the backward and return a fresh tensor of the same layout."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(hidden)
+        return hidden.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class _StandIn(nn.Module):
+    """Takes a block's place in the skeleton (:func:`trace_skeleton`) and records the block's input."""
+
+    def __init__(self, record: list[tuple[torch.Size, tuple[int, ...], int]]) -> None:
+        super().__init__()
+        self.record = record
+
+    def forward(self, hidden: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        out = _KeepInput.apply(hidden)
+        self.record.append((hidden.shape, _layout(hidden), out.untyped_storage().data_ptr()))
+        return out
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """What the backbone needs around its blocks, measured with every block replaced by a stand-in.
+
+    Attributes:
+        kept: Bytes the forward leaves allocated besides the blocks' own (``a + b * batch``): the stem's output
+            (kept by the first block), whatever the backbone keeps or copies for its features (e.g. a
+            concatenation of one modality), every feature a copy rather than a block's output.
+        gradients: The features' gradients (``a + b * batch``): they arrive together when the backward starts
+            and wait for their block's backward, on top of everything the forward kept.
+        backward: The skeleton's backward peak above what it kept (``a + b * batch``): the features' gradients and
+            the stem's backward (e.g. a patch convolution's), which runs after every block has freed its memory.
+        inputs: Per block that runs, its input's shape at batch 1 and its memory layout (:func:`_layout`).
+    """
+
+    kept: tuple[float, float]
+    gradients: tuple[float, float]
+    backward: tuple[float, float]
+    inputs: tuple[tuple[torch.Size, tuple[int, ...]], ...]
+
+    def at(self, batch: int) -> tuple[float, float, float]:
+        """``(kept, gradients, backward)`` bytes at ``batch`` images."""
+        return tuple(a + b * batch for a, b in (self.kept, self.gradients, self.backward))
+
+
+def trace_skeleton(backbone: nn.Module, image_size: int, in_chans: int) -> Skeleton:
+    """Measure everything of one training step but the blocks: the stem, the features, their gradients.
+
+    A copy of ``backbone`` (built on any device) has its blocks replaced by stand-ins that keep their input and
+    return a fresh tensor of its layout, as a block does; the rest is materialised on CPU. One step at 1 and 2
+    images is profiled like :func:`measure_activation_peak`, forward and backward apart; the stand-ins'
+    outputs still allocated after the forward are a block's output and are taken off (:func:`block_growth`
+    counts them).
+    """
+    skeleton = copy.deepcopy(backbone)
+    blocks = find_blocks(skeleton)
+    record: list[tuple[torch.Size, tuple[int, ...], int]] = []
+    for index in range(len(blocks)):
+        blocks[index] = _StandIn(record)
+    skeleton = _materialise(skeleton).train()
+    for module in skeleton.modules():  # the copy made its own list: record into ours
+        if isinstance(module, _StandIn):
+            module.record = record
+    kept_at, gradients_at, backward_at = [], [], []
+    inputs: tuple[tuple[torch.Size, tuple[int, ...]], ...] = ()
+    for batch in (1, 2):
+        x = torch.randn(batch, in_chans, image_size, image_size)
+        generator = torch.Generator().manual_seed(0)
+        directions: list[torch.Tensor] = []
+        features: list[torch.Tensor] = []
+
+        def forward(x: torch.Tensor = x, features: list[torch.Tensor] = features) -> None:
+            record.clear()
+            features.extend(skeleton(x))
+
+        def backward(
+            features: list[torch.Tensor] = features,
+            directions: list[torch.Tensor] = directions,
+            generator: torch.Generator = generator,
+        ) -> None:
+            if not directions:
+                directions.extend(torch.randn(f.shape, generator=generator, dtype=f.dtype) for f in features)
+            sum((f * d).sum() for f, d in zip(features, directions, strict=True)).backward()
+            features.clear()
+
+        forward()
+        backward()
+        for p in skeleton.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        final = _profiled(forward)[1]
+        alive = {f.untyped_storage().data_ptr() for f in features}
+        # every stand-in's output but the last is kept by the next one; the last one only if it is a feature
+        outputs = [math.prod(shape) * 4 for shape, _, _ in record]
+        final -= sum(outputs[:-1]) + (outputs[-1] if record[-1][2] in alive else 0)
+        kept_at.append(final)
+        gradients_at.append(sum(f.numel() * f.element_size() for f in features))
+        backward_at.append(_profiled(backward)[0])
+        if batch == 1:
+            inputs = tuple((shape, layout) for shape, layout, _ in record)
+    return Skeleton(_line(*kept_at), _line(*gradients_at), _line(*backward_at), inputs)
 
 
 def estimate_activations(
@@ -321,31 +456,28 @@ def estimate_activations(
     image_size: int,
     lora_r: int = 8,
     lora_target_modules: tuple[str, ...] | None = None,
+    in_chans: int = 3,
 ) -> int:
     """Estimated peak activation bytes of one training step of ``backbone`` (fp32), see the module docstring."""
     targets = tuple(lora_target_modules or lora_targets(backbone)) if techniques.lora else ()
     blocks = find_blocks(backbone)
-    hidden = int(backbone.out_channels[0])
-    rows, cols = backbone.grid_size(image_size, image_size)
-    n = rows * cols + int(getattr(backbone, "has_cls_token", False))
+    skeleton = trace_skeleton(backbone, image_size, in_chans)
     growth: dict[tuple, BlockGrowth] = {}
     kinds = []
-    for block in blocks:
-        kind = _block_kind(block)
-        if kind not in growth:
-            growth[kind] = block_growth(block, hidden, techniques, n, targets, lora_r)
-        kinds.append(growth[kind])
-    tokens_total = batch_size * n
-    token_tensor = 4 * tokens_total * hidden
-    # the embeddings' output and the position-embedded tokens (the input batch itself is not counted), and the
-    # gradients of the returned features below the top one: they all arrive when the backward starts and wait
-    # for their block's backward
-    stem = 2 * token_tensor + (len(backbone.out_channels) - 1) * token_tensor
-    workspace = [g.workspace_bytes(batch_size) for g in kinds]
-    if techniques.checkpointing:  # every block keeps its output; one at a time is recomputed for its backward
-        outputs = len(blocks) * token_tensor
-        return int(stem + outputs + max(g.kept_bytes(batch_size) + w for g, w in zip(kinds, workspace, strict=True)))
-    return int(stem + sum(g.kept_bytes(batch_size) for g in kinds) + max(workspace))
+    for block, (shape, layout) in zip(blocks, skeleton.inputs, strict=False):  # blocks above the features do not run
+        sequences, tokens, hidden = shape
+        key = (_block_kind(block), layout, tuple(shape))
+        if key not in growth:
+            growth[key] = block_growth(block, hidden, techniques, tokens, targets, lora_r, layout)
+        kinds.append((growth[key], sequences * batch_size))
+    kept, gradients, stem_backward = skeleton.at(batch_size)
+    left = [g.kept_bytes(n) for g, n in kinds]  # with checkpointing: the output and what bitsandbytes holds
+    # the peak is in a block's forward (the blocks below it keep theirs), where the backward starts (every block's
+    # memory, the features' gradients, the largest block workspace: counted for any block, an upper bound) or in
+    # the stem's backward, after the blocks freed theirs
+    forward_peak = max(sum(left[:i]) + g.forward_bytes(n) for i, (g, n) in enumerate(kinds))
+    backward_peak = gradients + sum(left) + max(g.workspace_bytes(n) for g, n in kinds)
+    return int(kept + max(forward_peak, backward_peak, stem_backward))
 
 
 def plan_memory(
@@ -402,7 +534,7 @@ def plan_memory(
         counts["trainable"],
         OPTIMIZER_STATE_BYTES[optimizer],
     )
-    activations = estimate_activations(model, techniques, batch_size, image_size, lora_r=lora_r)
+    activations = estimate_activations(model, techniques, batch_size, image_size, lora_r=lora_r, in_chans=in_chans)
     total = states.weights + states.gradients + states.optimizer + activations + states.workspace
     return MemoryPlan(
         backbone,
