@@ -10,6 +10,7 @@ needs neither torch nor TerraTorch.
     nox -s gpu_benchmarks                      # pytest -m gpu with --benchmark-json (needs CUDA, or
                                                #   EARTHMIND_GPU_ON_CPU=1 for the tiny CPU variant)
     nox -s benchmarks                          # pytest -m benchmark with the timing targets enforced
+    nox -s planner_accuracy                    # the planner's estimate against measured peaks, full grid
     nox -s hypothesis_dev                      # property tests with the dev profile (random, shrinking)
     nox -s render                              # README table, badges, heatmap from matrices/results
     nox -s lint                                # ruff, actionlint, zizmor
@@ -329,6 +330,27 @@ def benchmarks(session: nox.Session) -> None:
         "no:randomly",
         *session.posargs,
         env={"EARTHMIND_BENCH_STRICT": "1"},
+    )
+
+
+@nox.session(python=REFERENCE.python, venv_backend="uv|virtualenv")
+def planner_accuracy(session: nox.Session) -> None:
+    """The planner's activation estimate against measured peaks on the issue's full grid (84 cases, 30-60 min).
+
+    Every backbone x technique at two widths and two image sizes; the default suite runs the same test on 21
+    small cases. Extra arguments go to pytest (e.g. ``-- -k granite``).
+    """
+    _reference_install(session)
+    session.run(
+        "pytest",
+        "tests/test_plan.py",
+        "-k",
+        "within_10_percent",
+        "-p",
+        "no:randomly",
+        "-v",
+        *session.posargs,
+        env={"EARTHMIND_PLANNER_GRID": "full"},
     )
 
 

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 import earthmind_compat.optimize.plan as plan_module
+from earthmind_compat.errors import ConfigurationError, UnknownNameError
 from earthmind_compat.optimize.plan import count_weights, quantized_weight_bytes
+from earthmind_compat.optimize.sharding import DeviceStates, device_states, local_numel
 from earthmind_compat.optimize.techniques import parse_technique
 
 pytestmark = pytest.mark.numerics
@@ -164,3 +166,47 @@ def test_a_shared_parameter_is_counted_once(monkeypatch: pytest.MonkeyPatch) -> 
     model.b = nn.Linear(4, 4, bias=False)
     model.b.weight = model.a.weight
     assert count_weights(model, parse_technique("none")) == {"weights": 64, "parameters": 16, "trainable": 16}
+
+
+def test_local_numel_fsdp_splits_rows_zero3_splits_elements() -> None:
+    weight = nn.Parameter(torch.zeros(5, 3))  # 15 elements in 5 rows
+    assert local_numel(weight, 2, "fsdp") == 3 * 3  # ceil(5 / 2) rows of 3
+    assert local_numel(weight, 2, "deepspeed_stage_3") == 8  # ceil(15 / 2)
+    assert local_numel(nn.Parameter(torch.zeros(1, 7)), 4, "fsdp") == 7  # one row: whole on every device
+    assert local_numel(nn.Parameter(torch.zeros(1, 7)), 4, "deepspeed_stage_3") == 2
+
+
+def _plain_toy() -> nn.Module:
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Linear(4, 6), nn.Linear(6, 4, bias=False)])  # 30 and 24 parameters
+    model.stem = nn.Linear(2, 4)  # 12 parameters: the root unit
+    return model
+
+
+@pytest.mark.parametrize(
+    ("strategy", "devices", "expected"),
+    [
+        ("single", 1, DeviceStates(264, 264, 528, 0)),
+        ("ddp", 1, DeviceStates(264, 264, 528, 0)),
+        ("ddp", 2, DeviceStates(264, 264, 528, 264)),  # gradient buckets: a second copy of the gradients
+        # rows: [6,4] -> 3 x 4, bias [6] -> 3, [4,6] -> 2 x 6, stem [4,2] -> 2 x 2, bias [4] -> 2: 33 elements;
+        # workspace: the root unit (12) + two of the largest block (30) + its gradient (30)
+        ("fsdp", 2, DeviceStates(4 * 33, 4 * 33, 8 * 33, 4 * (12 + 3 * 30))),
+        # ceil(numel / 3) per parameter: 24 -> 8, 6 -> 2, 24 -> 8, 8 -> 3, 4 -> 2: 23 elements
+        ("deepspeed_stage_3", 3, DeviceStates(4 * 23, 4 * 23, 8 * 23, 4 * (12 + 3 * 30))),
+    ],
+)
+def test_device_states(strategy: str, devices: int, expected: DeviceStates) -> None:
+    model = _plain_toy()
+    states = device_states(model, parse_technique("none"), strategy, devices, 4 * 66, 66, 8)
+    assert states == expected
+
+
+def test_device_states_refuses_bad_combinations() -> None:
+    model = _plain_toy()
+    with pytest.raises(ConfigurationError, match="1 device"):
+        device_states(model, parse_technique("none"), "single", 2, 264, 66, 8)
+    with pytest.raises(ConfigurationError, match="ddp"):
+        device_states(model, parse_technique("nf4"), "fsdp", 2, 264, 66, 8)
+    with pytest.raises(UnknownNameError, match="fsdp"):
+        device_states(model, parse_technique("none"), "fsdq", 2, 264, 66, 8)

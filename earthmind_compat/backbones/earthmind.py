@@ -314,11 +314,6 @@ class EarthMindBackbone(TokenBackbone):
             load_language(self.language_model, checkpoint)
 
     @property
-    def token_width(self) -> int:
-        """Width of the tokens the tower's blocks read (the language layers' width is ``text_hidden_size``)."""
-        return int(self.vision_config.hidden_size)
-
-    @property
     def extra_lora_targets(self) -> tuple[str, ...]:
         """LoRA targets of the language layers (:data:`~earthmind_compat.backbones.language.QWEN2_LORA_TARGETS`)."""
         return () if self.language_model is None else QWEN2_LORA_TARGETS

@@ -38,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--language-layers", type=int, default=0, help="internvl2_5_4b / earthmind_v1: language layers run (default 0)"
     )
+    parser.add_argument(
+        "--strategy",
+        default="single",
+        choices=("single", "ddp", "fsdp", "deepspeed_stage_3"),
+        help="training strategy; figures are per device (default: single)",
+    )
+    parser.add_argument("--devices", type=int, default=1, help="devices taking part (default: 1)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -55,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         in_chans=args.in_chans,
         lora_r=args.lora_r,
+        strategy=args.strategy,
+        devices=args.devices,
         **({"language_layers": args.language_layers} if args.language_layers else {}),
     )
     if args.json:
@@ -63,12 +72,14 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{plan.backbone} ({plan.preset}, {plan.parameters / 1e6:.1f} M parameters), technique {plan.technique}, "
             f"batch {plan.batch_size} x {plan.image_size} px"
+            + (f", {plan.strategy} on {plan.devices} devices (per device)" if plan.strategy != "single" else "")
         )
         for label, value in (
             ("weights", plan.weights),
             ("gradients", plan.gradients),
             ("optimizer state", plan.optimizer),
             ("activations (fp32)", plan.activations),
+            *((("strategy workspace", plan.workspace),) if plan.strategy != "single" else ()),
             ("total", plan.total),
         ):
             line = f"  {label:<20} {format_bytes(value):>12}"

@@ -7,6 +7,8 @@ blocks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from earthmind_compat.backbones.base import TokenBackbone
@@ -34,6 +36,17 @@ def find_blocks(backbone: nn.Module) -> nn.ModuleList:
     if best is None:
         raise ConfigurationError(f"{type(backbone).__name__} has no list of blocks (nn.ModuleList) to optimize.")
     return best
+
+
+def replace_blocks(backbone: nn.Module, make: Callable[[nn.Module], nn.Module]) -> None:
+    """Put ``make(block)`` in the place of every block :func:`find_blocks` returns, in the backbone itself.
+
+    :func:`find_blocks` joins declared ``block_lists`` into a new list; this writes into the backbone's own lists.
+    """
+    declared = getattr(backbone, "block_lists", None)
+    for blocks in declared or (find_blocks(backbone),):
+        for index, block in enumerate(blocks):
+            blocks[index] = make(block)
 
 
 def _linear_types() -> tuple[type, ...]:

@@ -3,13 +3,25 @@
 - Weights, gradients and optimizer state are counted exactly from the backbone built on the meta device
   (no memory used, any preset): each linear layer and MoE expert slice is counted as bitsandbytes stores it
   (packed 4-bit codes + absmax per 64 weights [+ nested scales with dq] + code table, or int8 + row scales).
-- Activations are traced: one block of each kind is materialised at the real width, the technique is
-  applied to it, and the bytes autograd saves for the backward pass are counted (``saved_tensors_hooks``)
-  at three token counts; a per-sequence cost ``b * n + c * n**2`` is fitted (``c`` is the attention matrix
-  where the installed torch's attention keeps one, e.g. torch 2.7's CPU fallback for Granite's masked
-  attention), scaled to the requested batch and image size and summed over the blocks, plus the stem
-  (input, embeddings) and one block's worth of backward workspace. With checkpointing, each block keeps
-  only its input and one block at a time is recomputed.
+- Activations are traced, never derived from a formula. Around the blocks (:func:`trace_skeleton`): the backbone
+  with every block replaced by a stand-in that keeps its input, materialised and run for 1 and 2 images,
+  gives what the stem and the feature handling keep (e.g. EarthMind's concatenation of its modalities copies
+  the tokens and each feature), the features' gradients, the stem's own backward, and each block's input:
+  its sequences, tokens, width and memory layout (Granite's patch embedding hands its blocks transposed
+  tokens, and a block fed those copies them where it reshapes them: one more token tensor per Mamba block,
+  three per attention block). Each block (:func:`block_growth`): one block of each kind is materialised at
+  the real width, the technique is applied to it (real bitsandbytes layers, real LoRA adapters of the
+  planned rank, torch's non-reentrant checkpoint around it), and it is run on an input of that shape and
+  layout for 1 and 2 sequences under the PyTorch profiler's allocator events. What its forward leaves
+  allocated (``kept``: output and everything kept for backward, including what bitsandbytes keeps outside
+  the saved-tensor hooks, which checkpointing does not drop), its forward's own peak (``forward``: weights
+  bitsandbytes dequantizes, expert intermediates) and its backward's peak above what it kept (``workspace``:
+  output and input gradients, attention's transient gradients, a weight-sized gradient before
+  accumulation, with checkpointing the recomputed forward) are each ``a + b * batch``. The estimate is the
+  largest of three moments: a block's forward with the blocks below it holding what they keep; the start
+  of the backward (every block's kept bytes, the features' gradients, the largest workspace); the stem's
+  backward.
+- Per-device figures for DDP, FSDP and ZeRO-3: :mod:`earthmind_compat.optimize.sharding`.
 
 :func:`measure_activation_peak` measures the real peak on CPU with the PyTorch profiler's allocator events
 and is what the estimate is validated against.
@@ -20,19 +32,24 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from earthmind_compat.backbones import backbone_class
 from earthmind_compat.errors import ConfigurationError, unknown_name
 from earthmind_compat.optimize.experts import expert_weights, quantize_experts
-from earthmind_compat.optimize.families import find_blocks, linear_paths, lora_targets
-from earthmind_compat.optimize.quantize import BLOCKSIZE_4BIT, weight_storages
+from earthmind_compat.optimize.families import find_blocks, linear_paths, lora_targets, replace_blocks
+from earthmind_compat.optimize.quantize import BLOCKSIZE_4BIT, quantize_linears
+from earthmind_compat.optimize.sharding import device_states
 from earthmind_compat.optimize.techniques import Techniques, parse_technique
 from earthmind_compat.sizes import parse_size
 
@@ -46,7 +63,9 @@ class MemoryPlan:
     """Memory estimate of one training configuration, in bytes.
 
     ``weights`` is what the technique stores (quantized codes and scales included); ``unoptimized_weights`` is
-    the same backbone in full precision, for the ratio the technique buys.
+    the same backbone in full precision, for the ratio the technique buys. With a multi-device ``strategy``,
+    ``weights``, ``gradients``, ``optimizer``, ``activations`` and ``workspace`` (DDP's gradient buckets, the
+    layers FSDP / ZeRO-3 gather) are per device, and ``total`` is one device's.
     """
 
     backbone: str
@@ -63,6 +82,9 @@ class MemoryPlan:
     total: int
     gpu_memory: int | None
     fits: bool | None
+    strategy: str = "single"
+    devices: int = 1
+    workspace: int = 0
 
     def as_dict(self) -> dict:
         """Plain dictionary (for JSON)."""
@@ -183,55 +205,273 @@ def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
     return sum(storages.values())
 
 
-def block_saved_bytes_growth(
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send what native code writes to file descriptor 2 to /dev/null, for the duration of the block.
+
+    The profiler's native layer (Kineto) logs each start and stop, and a failed GPU probe as ``ERROR``, straight
+    to file descriptor 2 on a CPU-only machine: a plan would print dozens of such lines. Python exceptions still
+    propagate; Python's own stderr is flushed before and after.
+    """
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (a detached process): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _profiled(fn: Callable[[], object]) -> tuple[int, int]:
+    """``(peak, final)`` bytes allocated on CPU while running ``fn()``, above what was allocated before it.
+
+    Read from the PyTorch profiler's allocator events (``profile_memory=True``): the running sum of every
+    allocation and free, in order; ``final`` is what ``fn`` left allocated. CPU memory measured this way does
+    not depend on other processes.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    running = peak = 0
+    for event in memory:
+        if event["args"].get("Device Type", 0) == 0:
+            running += int(event["args"]["Bytes"])
+            peak = max(peak, running)
+    return peak, running
+
+
+def profiled_peak(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated on CPU while running ``fn()``, above what was allocated before it (see ``_profiled``)."""
+    return _profiled(fn)[0]
+
+
+@dataclass(frozen=True)
+class BlockGrowth:
+    """One block's training memory at the planned sequence length, as ``a + b * batch`` bytes.
+
+    Attributes:
+        kept: What the block's forward leaves allocated: its output and everything kept for its backward (saved
+            tensors, and what bitsandbytes keeps on its autograd context outside the saved-tensor hooks).
+        workspace: The block's backward peak above what its forward kept: the output gradient, the input
+            gradient, the transient gradients of attention and MLP (the attention's probabilities where the
+            installed torch's kernel materialises them), a weight-sized gradient before it is accumulated, the
+            weights bitsandbytes dequantizes for the backward.
+    """
+
+    kept: tuple[float, float]
+    workspace: tuple[float, float]
+    forward: tuple[float, float] = (0.0, 0.0)
+
+    def forward_bytes(self, batch: int) -> float:
+        """The forward's peak at ``batch`` sequences (above what existed before it)."""
+        return max(0.0, self.forward[0] + self.forward[1] * batch)
+
+    def kept_bytes(self, batch: int) -> float:
+        """Kept bytes at ``batch`` sequences."""
+        return max(0.0, self.kept[0] + self.kept[1] * batch)
+
+    def workspace_bytes(self, batch: int) -> float:
+        """Backward workspace at ``batch`` sequences."""
+        return max(0.0, self.workspace[0] + self.workspace[1] * batch)
+
+
+def _line(at_one: int, at_two: int) -> tuple[float, float]:
+    """``(a, b)`` of ``a + b * batch`` through the values at batch 1 and 2."""
+    return float(2 * at_one - at_two), float(at_two - at_one)
+
+
+def _prepare_block(
+    block: nn.Module, techniques: Techniques, lora_target_names: tuple[str, ...], lora_r: int
+) -> nn.Module:
+    """A materialised copy of ``block`` with the technique's quantization and LoRA applied, as in the backbone."""
+    block = _materialise(block)
+    if techniques.quantization:
+        quantize_linears(block, techniques.quantization, techniques.double_quant)
+        quantize_experts(block, techniques.quantization, techniques.double_quant)
+    if techniques.lora:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        for p in block.parameters():
+            p.requires_grad_(False)
+        targets = linear_paths(block, lora_target_names)
+        if targets:
+            inject_adapter_in_model(LoraConfig(r=lora_r, target_modules=targets), block)
+            for name, p in block.named_parameters():
+                p.requires_grad_("lora_" in name)
+    return block.train()
+
+
+def block_growth(
     block: nn.Module,
     hidden_size: int,
     techniques: Techniques,
     tokens: int,
     lora_target_names: tuple[str, ...] = (),
-) -> tuple[float, float]:
-    """How the saved-for-backward bytes of one materialised block grow with the sequence length ``n``.
+    lora_r: int = 8,
+    layout: tuple[int, ...] = (0, 1, 2),
+) -> BlockGrowth:
+    """Trace one block at its real width and sequence length: what its forward keeps, its backward's peak.
 
-    Measured at ``n = tokens, 2 * tokens, 3 * tokens`` on one sequence and fitted exactly by
-    ``a + b * n + c * n**2``.
-
-    Returns:
-        ``(b, c)``: bytes per token and per squared token (``c`` is clamped at 0: measurement noise only).
+    The block is materialised, quantized and given LoRA adapters as the technique does to the backbone. For 1 and
+    2 sequences of ``tokens`` tokens, after a warm-up step that allocates the parameter gradients (zeroed, not
+    freed: they are counted as gradients), the forward and the backward are profiled separately
+    (:func:`_profiled`): what the forward leaves allocated is ``kept``, the backward's peak above it is
+    ``workspace``. The backward gets a real output gradient (a fixed random direction), as from the layers above.
+    The block's input has the memory ``layout`` the backbone gives its blocks (dimensions from the outermost to
+    the innermost, :func:`_layout`): a block fed transposed tokens copies them where it reshapes them.
     """
-    block = _materialise(block)
-    if techniques.quantization:
-        # A bitsandbytes matmul saves its input for the backward pass like a trainable nn.Linear does (a frozen
-        # nn.Linear would not), so quantized layers are emulated by full-precision ones whose weight requires
-        # grad; the weights themselves are never counted. Experts are split per expert, as when quantized.
-        quantize_experts(block, None)
+    block = _prepare_block(block, techniques, lora_target_names, lora_r)
+    kept, workspace, peak = [], [], []
+    for batch in (1, 2):
+        shape = (batch, tokens, hidden_size)
+        inverse = sorted(range(3), key=layout.__getitem__)
+        hidden = torch.randn([shape[d] for d in layout]).permute(inverse).requires_grad_()
+        direction = torch.randn(batch, tokens, hidden_size)
+        outputs: list[torch.Tensor] = []
+
+        def forward(hidden: torch.Tensor = hidden, outputs: list[torch.Tensor] = outputs) -> None:
+            out = checkpoint(block, hidden, use_reentrant=False) if techniques.checkpointing else block(hidden)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+
+        def backward(direction: torch.Tensor = direction, outputs: list[torch.Tensor] = outputs) -> None:
+            (outputs.pop() * direction).sum().backward()
+
+        forward()  # warm-up: parameter gradients exist from here on
+        backward()
         for p in block.parameters():
-            p.requires_grad_(False)
-        for module in block.modules():
-            if type(module) is nn.Linear:
-                module.weight.requires_grad_(True)
-    elif not techniques.trains_base:
-        for p in block.parameters():
-            p.requires_grad_(False)
-    if techniques.lora:
-        from peft import LoraConfig, inject_adapter_in_model
+            if p.grad is not None:
+                p.grad.zero_()
+        hidden.grad = None
+        forward_peak, forward_kept = _profiled(forward)
+        kept.append(forward_kept)
+        peak.append(forward_peak)
+        workspace.append(_profiled(backward)[0])
+    return BlockGrowth(_line(*kept), _line(*workspace), _line(*peak))
 
-        targets = linear_paths(block, lora_target_names)
-        if targets:
-            inject_adapter_in_model(LoraConfig(r=8, target_modules=targets), block)
-    block.train()
-    exclude = weight_storages(block)
-    counts = []
-    for n in (tokens, 2 * tokens, 3 * tokens):
-        hidden = torch.randn(1, n, hidden_size, requires_grad=True)
 
-        def run(hidden=hidden) -> None:
-            out = block(hidden)
-            (out[0] if isinstance(out, tuple) else out).sum()
+def _layout(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions of ``tensor`` from the outermost (largest stride) to the innermost in memory."""
+    return tuple(sorted(range(tensor.ndim), key=lambda d: (-tensor.stride(d), d)))
 
-        counts.append(saved_bytes(run, exclude | {hidden.untyped_storage().data_ptr()}))
-    first, second = counts[1] - counts[0], counts[2] - counts[1]
-    quadratic = max(0.0, (second - first) / (2 * tokens**2))
-    return (first - 3 * quadratic * tokens**2) / tokens, quadratic
+
+class _KeepInput(torch.autograd.Function):
+    """What a stand-in block does: keep its input for the backward and return a fresh tensor of the same layout."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(hidden)
+        return hidden.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class _StandIn(nn.Module):
+    """Takes a block's place in the skeleton (:func:`trace_skeleton`) and records the block's input."""
+
+    def __init__(self, record: list[tuple[torch.Size, tuple[int, ...], int]]) -> None:
+        super().__init__()
+        self.record = record
+
+    def forward(self, hidden: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        out = _KeepInput.apply(hidden)
+        self.record.append((hidden.shape, _layout(hidden), out.untyped_storage().data_ptr()))
+        return out
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """What the backbone needs around its blocks, measured with every block replaced by a stand-in.
+
+    Attributes:
+        kept: Bytes the forward leaves allocated besides the blocks' own (``a + b * batch``): the stem's output
+            (kept by the first block), whatever the backbone keeps or copies for its features (e.g. a
+            concatenation of one modality), every feature a copy rather than a block's output.
+        gradients: The features' gradients (``a + b * batch``): they arrive together when the backward starts
+            and wait for their block's backward, on top of everything the forward kept.
+        backward: The skeleton's backward peak above what it kept (``a + b * batch``): the features' gradients and
+            the stem's backward (e.g. a patch convolution's), which runs after every block has freed its memory.
+        inputs: Per block that runs, its input's shape at batch 1 and its memory layout (:func:`_layout`).
+    """
+
+    kept: tuple[float, float]
+    gradients: tuple[float, float]
+    backward: tuple[float, float]
+    inputs: tuple[tuple[torch.Size, tuple[int, ...]], ...]
+
+    def at(self, batch: int) -> tuple[float, float, float]:
+        """``(kept, gradients, backward)`` bytes at ``batch`` images."""
+        return tuple(a + b * batch for a, b in (self.kept, self.gradients, self.backward))
+
+
+def trace_skeleton(backbone: nn.Module, image_size: int, in_chans: int) -> Skeleton:
+    """Measure everything of one training step but the blocks: the stem, the features, their gradients.
+
+    A copy of ``backbone`` (built on any device) has its blocks replaced by stand-ins that keep their input and
+    return a fresh tensor of its layout, as a block does; the rest is materialised on CPU. One step at 1 and 2
+    images is profiled like :func:`measure_activation_peak`, forward and backward apart; the stand-ins'
+    outputs still allocated after the forward are a block's output and are taken off (:func:`block_growth`
+    counts them).
+    """
+    skeleton = copy.deepcopy(backbone)
+    record: list[tuple[torch.Size, tuple[int, ...], int]] = []
+    replace_blocks(skeleton, lambda block: _StandIn(record))
+    skeleton = _materialise(skeleton).train()
+    for module in skeleton.modules():  # the copy made its own list: record into ours
+        if isinstance(module, _StandIn):
+            module.record = record
+    kept_at, gradients_at, backward_at = [], [], []
+    inputs: tuple[tuple[torch.Size, tuple[int, ...]], ...] = ()
+    for batch in (1, 2):
+        x = torch.randn(batch, in_chans, image_size, image_size)
+        generator = torch.Generator().manual_seed(0)
+        directions: list[torch.Tensor] = []
+        features: list[torch.Tensor] = []
+
+        def forward(x: torch.Tensor = x, features: list[torch.Tensor] = features) -> None:
+            record.clear()
+            features.extend(skeleton(x))
+
+        def backward(
+            features: list[torch.Tensor] = features,
+            directions: list[torch.Tensor] = directions,
+            generator: torch.Generator = generator,
+        ) -> None:
+            if not directions:
+                directions.extend(torch.randn(f.shape, generator=generator, dtype=f.dtype) for f in features)
+            sum((f * d).sum() for f, d in zip(features, directions, strict=True)).backward()
+            features.clear()
+
+        forward()
+        backward()
+        for p in skeleton.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        final = _profiled(forward)[1]
+        alive = {f.untyped_storage().data_ptr() for f in features}
+        # every stand-in's output but the last is kept by the next one; the last one only if it is a feature
+        outputs = [math.prod(shape) * 4 for shape, _, _ in record]
+        final -= sum(outputs[:-1]) + (outputs[-1] if record[-1][2] in alive else 0)
+        kept_at.append(final)
+        gradients_at.append(sum(f.numel() * f.element_size() for f in features))
+        backward_at.append(_profiled(backward)[0])
+        if batch == 1:
+            inputs = tuple((shape, layout) for shape, layout, _ in record)
+    return Skeleton(_line(*kept_at), _line(*gradients_at), _line(*backward_at), inputs)
 
 
 def estimate_activations(
@@ -239,35 +479,30 @@ def estimate_activations(
     techniques: Techniques,
     batch_size: int,
     image_size: int,
-    tokens: int = 64,
+    lora_r: int = 8,
+    lora_target_modules: tuple[str, ...] | None = None,
+    in_chans: int = 3,
 ) -> int:
     """Estimated peak activation bytes of one training step of ``backbone`` (fp32), see the module docstring."""
-    targets = tuple(lora_targets(backbone)) if techniques.lora else ()
+    targets = tuple(lora_target_modules or lora_targets(backbone)) if techniques.lora else ()
     blocks = find_blocks(backbone)
-    # the width of the stem's tokens: a backbone whose first feature may be another width says it (token_width)
-    hidden = int(getattr(backbone, "token_width", 0) or getattr(backbone, "out_channels", [0])[0])
-    chunk = int(getattr(getattr(backbone, "config", None), "mamba_chunk_size", 0) or 0)
-    if chunk:
-        tokens = chunk  # whole Mamba chunks
-    rows, cols = backbone.grid_size(image_size, image_size)
-    n = rows * cols + int(getattr(backbone, "has_cls_token", False))
-    growth: dict[tuple, tuple[float, float]] = {}
-    per_block, kept = [], 0
-    for block in blocks:
-        # blocks of another width reading fewer tokens (language layers after the projector) say so themselves
-        width, m = int(getattr(block, "hidden_size", hidden)), n * float(getattr(block, "token_scale", 1.0))
-        kind = (_block_kind(block), width)
-        if kind not in growth:
-            growth[kind] = block_saved_bytes_growth(block, width, techniques, tokens, targets)
-        linear, quadratic = growth[kind]
-        per_block.append(batch_size * (linear * m + quadratic * m * m))
-        kept += 4 * batch_size * m * width
-    tokens_total = batch_size * n
-    largest = max(per_block)
-    stem = 2 * 4 * tokens_total * hidden  # embeddings (the input batch itself is not counted)
-    if techniques.checkpointing:
-        return int(stem + kept + 2 * largest)
-    return int(stem + sum(per_block) + largest)
+    skeleton = trace_skeleton(backbone, image_size, in_chans)
+    growth: dict[tuple, BlockGrowth] = {}
+    kinds = []
+    for block, (shape, layout) in zip(blocks, skeleton.inputs, strict=False):  # blocks above the features do not run
+        sequences, tokens, hidden = shape
+        key = (_block_kind(block), layout, tuple(shape))
+        if key not in growth:
+            growth[key] = block_growth(block, hidden, techniques, tokens, targets, lora_r, layout)
+        kinds.append((growth[key], sequences * batch_size))
+    kept, gradients, stem_backward = skeleton.at(batch_size)
+    left = [g.kept_bytes(n) for g, n in kinds]  # with checkpointing: the output and what bitsandbytes holds
+    # the peak is in a block's forward (the blocks below it keep theirs), where the backward starts (every block's
+    # memory, the features' gradients, the largest block workspace: counted for any block, an upper bound) or in
+    # the stem's backward, after the blocks freed theirs
+    forward_peak = max(sum(left[:i]) + g.forward_bytes(n) for i, (g, n) in enumerate(kinds))
+    backward_peak = gradients + sum(left) + max(g.workspace_bytes(n) for g, n in kinds)
+    return int(kept + max(forward_peak, backward_peak, stem_backward))
 
 
 def plan_memory(
@@ -280,6 +515,8 @@ def plan_memory(
     optimizer: str = "adamw",
     in_chans: int = 3,
     lora_r: int = 8,
+    strategy: str = "single",
+    devices: int = 1,
     **backbone_kwargs: object,
 ) -> MemoryPlan:
     """Plan the training memory of a backbone configuration.
@@ -294,6 +531,9 @@ def plan_memory(
         optimizer: ``adamw``, ``adam``, ``sgd`` or ``sgd_momentum``.
         in_chans: Input bands.
         lora_r: LoRA rank.
+        strategy: ``single``, ``ddp``, ``fsdp`` or ``deepspeed_stage_3`` (per-device figures, see
+            :mod:`earthmind_compat.optimize.sharding`).
+        devices: Devices taking part (``batch_size`` is per device, as in Lightning).
         **backbone_kwargs: More constructor arguments of the backbone (e.g. ``language_layers=4``).
 
     Returns:
@@ -301,7 +541,7 @@ def plan_memory(
 
     Raises:
         UnknownNameError: for an unknown backbone, preset, technique or optimizer.
-        ConfigurationError: for non-positive sizes.
+        ConfigurationError: for non-positive sizes, or a strategy that does not go with the devices or technique.
     """
     techniques = parse_technique(technique)
     if optimizer not in OPTIMIZER_STATE_BYTES:
@@ -312,10 +552,17 @@ def plan_memory(
     model = build_on_meta(backbone, preset, in_chans, **backbone_kwargs)
     counts = count_weights(model, techniques, lora_r)
     unoptimized = count_weights(model, parse_technique("none"))["weights"]
-    gradients = 4 * counts["trainable"]
-    optimizer_bytes = OPTIMIZER_STATE_BYTES[optimizer] * counts["trainable"]
-    activations = estimate_activations(model, techniques, batch_size, image_size)
-    total = counts["weights"] + gradients + optimizer_bytes + activations
+    states = device_states(
+        model,
+        techniques,
+        strategy,
+        devices,
+        counts["weights"],
+        counts["trainable"],
+        OPTIMIZER_STATE_BYTES[optimizer],
+    )
+    activations = estimate_activations(model, techniques, batch_size, image_size, lora_r=lora_r, in_chans=in_chans)
+    total = states.weights + states.gradients + states.optimizer + activations + states.workspace
     return MemoryPlan(
         backbone,
         preset,
@@ -323,14 +570,17 @@ def plan_memory(
         batch_size,
         image_size,
         counts["parameters"],
-        counts["weights"],
+        states.weights,
         unoptimized,
-        gradients,
-        optimizer_bytes,
+        states.gradients,
+        states.optimizer,
         activations,
         total,
         device_memory,
         None if device_memory is None else total <= device_memory,
+        strategy,
+        devices,
+        states.workspace,
     )
 
 
@@ -341,28 +591,18 @@ def measure_activation_peak(backbone: nn.Module, x: torch.Tensor) -> int:
     activations plus backward workspace, as the planner's activation figure. Measured with the PyTorch
     profiler's allocator events (``profile_memory=True``): the running sum of allocations and frees.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     backbone.train()
+    generator = torch.Generator().manual_seed(0)
+    directions: list[torch.Tensor] = []
 
     def step() -> None:
         features = backbone(x)
-        sum(f.float().mean() for f in features).backward()
+        if not directions:  # fixed random directions: every feature gets a real gradient, as from a decoder
+            directions.extend(torch.randn(f.shape, generator=generator, dtype=f.dtype) for f in features)
+        sum((f * d).sum() for f, d in zip(features, directions, strict=True)).backward()
 
     step()
     for p in backbone.parameters():
         if p.grad is not None:
             p.grad.zero_()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text())["traceEvents"]
-    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
-    running = peak = 0
-    for event in memory:
-        if event["args"].get("Device Type", 0) == 0:
-            running += int(event["args"]["Bytes"])
-            peak = max(peak, running)
-    return peak
+    return profiled_peak(step)
