@@ -57,7 +57,7 @@ from earthmind_compat.backbones.internvl import (
     vision_config_from_preset,
 )
 from earthmind_compat.backbones.language import (
-    QWEN2_LORA_TARGETS,
+    LanguageLayersMixin,
     build_language_model,
     check_language_attention,
     check_language_layers,
@@ -129,7 +129,7 @@ class EarthMindOutput:
         return None
 
 
-class EarthMindBackbone(TokenBackbone):
+class EarthMindBackbone(LanguageLayersMixin, TokenBackbone):
     """EarthMind's image side: shared InternViT tower, projector and the fusion of SAR and optical tokens.
 
     Args:
@@ -312,17 +312,6 @@ class EarthMindBackbone(TokenBackbone):
             load_strict(self.gate, checkpoint.parts[GATE], checkpoint.directory, "cross-modal gate")
         if self.language_model is not None:
             load_language(self.language_model, checkpoint)
-
-    @property
-    def extra_lora_targets(self) -> tuple[str, ...]:
-        """LoRA targets of the language layers (:data:`~earthmind_compat.backbones.language.QWEN2_LORA_TARGETS`)."""
-        return () if self.language_model is None else QWEN2_LORA_TARGETS
-
-    @property
-    def block_lists(self) -> tuple[torch.nn.ModuleList, ...]:
-        """The backbone's repeated blocks: the vision tower's layers, then the language layers it runs."""
-        lists = (self.model.encoder.layer,)
-        return lists if self.language_model is None else (*lists, self.language_model.layers)
 
     @staticmethod
     def _kernel_for(released: torch.Tensor, modality) -> torch.Tensor:

@@ -13,9 +13,9 @@ from transformers.models.internvl.modeling_internvl import InternVLMultiModalPro
 from earthmind_compat.arguments import resolve_dtype
 from earthmind_compat.backbones.base import BackboneSpec, TokenBackbone, resolve_out_indices
 from earthmind_compat.backbones.language import (
-    QWEN2_LORA_TARGETS,
     QWEN25_3B,
     TINY_QWEN2,
+    LanguageLayersMixin,
     build_language_model,
     check_language_attention,
     check_language_layers,
@@ -288,7 +288,7 @@ def run_tower(
     return layers, projector(shuffled.reshape(tokens.shape[0], -1, shuffled.shape[-1]))
 
 
-class InternVLBackbone(TokenBackbone):
+class InternVLBackbone(LanguageLayersMixin, TokenBackbone):
     """InternViT (the vision tower of InternVL2.5) returning per-layer tokens.
 
     Args:
@@ -413,17 +413,6 @@ class InternVLBackbone(TokenBackbone):
             load_strict(self.projector, checkpoint.parts[PROJECTOR], checkpoint.directory, "projector")
         if self.language_model is not None:
             load_language(self.language_model, checkpoint)
-
-    @property
-    def extra_lora_targets(self) -> tuple[str, ...]:
-        """LoRA targets of the language layers (:data:`~earthmind_compat.backbones.language.QWEN2_LORA_TARGETS`)."""
-        return () if self.language_model is None else QWEN2_LORA_TARGETS
-
-    @property
-    def block_lists(self) -> tuple[nn.ModuleList, ...]:
-        """The backbone's repeated blocks: the vision tower's layers, then the language layers it runs."""
-        lists = (self.model.encoder.layer,)
-        return lists if self.language_model is None else (*lists, self.language_model.layers)
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, **kwargs: object) -> list[torch.Tensor]:

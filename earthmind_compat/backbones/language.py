@@ -63,6 +63,29 @@ TINY_QWEN2: dict[str, object] = {
 _BOOKKEEPING = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "torch_dtype")
 
 
+class LanguageLayersMixin:
+    """The blocks and LoRA targets of a vision tower followed by optional language layers.
+
+    For a backbone with the tower's layers in ``self.model.encoder.layer`` and ``self.language_model`` (``None``
+    without ``language_layers``). :func:`~earthmind_compat.optimize.families.find_blocks` reads ``block_lists``;
+    LoRA adds ``extra_lora_targets``.
+    """
+
+    model: nn.Module
+    language_model: Qwen2Model | None
+
+    @property
+    def extra_lora_targets(self) -> tuple[str, ...]:
+        """LoRA targets of the language layers (:data:`QWEN2_LORA_TARGETS`), none without them."""
+        return () if self.language_model is None else QWEN2_LORA_TARGETS
+
+    @property
+    def block_lists(self) -> tuple[nn.ModuleList, ...]:
+        """The backbone's repeated blocks: the vision tower's layers, then the language layers it runs."""
+        lists = (self.model.encoder.layer,)
+        return lists if self.language_model is None else (*lists, self.language_model.layers)
+
+
 def language_config(settings: Mapping[str, object]) -> Qwen2Config:
     """The native :class:`~transformers.Qwen2Config` of a language-model settings dictionary.
 
