@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -196,3 +197,16 @@ def hub_snapshot(cache: Path, repo_id: str, source: Path, revision: str = "0" * 
     (repo / "refs" / "main").write_text(revision)
     shutil.copytree(source, repo / "snapshots" / revision)
     return repo / "snapshots" / revision
+
+
+def use_hub_cache(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    """Point this process at ``cache`` as ``HF_HUB_CACHE=cache`` set before start-up would.
+
+    ``huggingface_hub`` reads the variable once, at import, into ``constants.HF_HUB_CACHE``, which
+    ``snapshot_download`` reads on every call (every supported version, 0.30 on). The loader is not patched.
+    """
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))

@@ -20,6 +20,7 @@ from internvl_layouts import (
     cast_files,
     hub_snapshot,
     native_model,
+    use_hub_cache,
     write_intern_vit,
     write_internvl_chat,
     write_native,
@@ -138,19 +139,6 @@ HUB_IDS = {
     "native_sharded": "tiny-org/internvl-hf",
     "native_vision": "tiny-org/internvit-hf",
 }
-
-
-def use_hub_cache(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
-    """Point this process at ``cache`` as ``HF_HUB_CACHE=cache`` set before start-up would.
-
-    ``huggingface_hub`` reads the variable once, at import, into ``constants.HF_HUB_CACHE``, which
-    ``snapshot_download`` reads on every call (every supported version, 0.30 on). The loader is not patched.
-    """
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HOME", str(cache.parent))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
 
 
 def test_pretrained_loads_the_default_releases_from_the_hub_cache(layouts, tmp_path, monkeypatch):

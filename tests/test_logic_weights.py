@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from internvl_layouts import hub_snapshot, use_hub_cache
 from safetensors.torch import save_file
 
 from earthmind_compat import weights
@@ -113,32 +114,17 @@ def test_a_missing_path_that_is_no_hub_id_is_refused(text):
     )
 
 
-def hub_cache(monkeypatch, directory: Path) -> None:
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(directory))
-
-
-def cached_snapshot(cache: Path, repo_id: str, commit: str = "0" * 40) -> Path:
-    """A hub-cache entry as ``huggingface_hub`` lays it out: ``refs/main`` names the snapshot's commit."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
-
-
 def test_a_hub_id_in_the_cache_is_its_snapshot(monkeypatch, tmp_path):
-    hub_cache(monkeypatch, tmp_path)
-    snapshot = cached_snapshot(tmp_path, "someone/model")
-    cached_snapshot(tmp_path, "someone/other", commit="1" * 40)
+    use_hub_cache(monkeypatch, tmp_path / "hub")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "config.json").write_text("{}")
+    snapshot = hub_snapshot(tmp_path / "hub", "someone/model", tmp_path / "repo")
+    hub_snapshot(tmp_path / "hub", "someone/other", tmp_path / "repo", revision="1" * 40)
     assert weights.resolve_weights_dir("someone/model") == snapshot
 
 
 def test_a_hub_id_absent_from_the_cache_offline_says_how_to_get_it(monkeypatch, tmp_path):
-    hub_cache(monkeypatch, tmp_path)
+    use_hub_cache(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsError) as error:
         weights.resolve_weights_dir("someone/nothing-here")
@@ -152,7 +138,7 @@ def test_a_hub_id_absent_from_the_cache_offline_says_how_to_get_it(monkeypatch, 
 
 
 def test_a_hub_id_that_cannot_be_fetched_online_names_the_hub(monkeypatch, tmp_path):
-    hub_cache(monkeypatch, tmp_path)
+    use_hub_cache(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
     with pytest.raises(WeightsError) as error:
