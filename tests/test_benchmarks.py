@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from planner_probes import PLANNED_TECHNIQUES, PROBES, SMOKE_PROBES, probe_preset
 
 from earthmind_compat import optimize
 from earthmind_compat.bench import (
@@ -21,6 +22,7 @@ from earthmind_compat.bench import (
     build_for_benchmark,
     make_step,
     measure,
+    planner_calibration,
     saved_activation_bytes,
     wrapper_overhead,
 )
@@ -135,3 +137,29 @@ def test_int8_cast_notice_is_silenced_and_nothing_else(caplog, monkeypatch):
         logger.warning(notice, torch.float32)
         logger.warning("some other bitsandbytes warning")
     assert [r.getMessage() for r in caplog.records][1:] == ["some other bitsandbytes warning"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("technique", PLANNED_TECHNIQUES)
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_gpu_planner_calibration(benchmark, monkeypatch, backbone, technique, device):
+    """The plan next to a measured training step, into the benchmark JSON (``extra_info``) for calibration.
+
+    On CUDA: the full-width two-block probe of the planner's accuracy grid at its smaller image size, where
+    the planned tensors must not be below ``max_memory_allocated`` (the CUDA attention kernels may keep less
+    than the CPU trace: above is allowed; the JSON says by how much). On CPU (``EARTHMIND_GPU_ON_CPU=1``): the
+    small probe, whose whole step (states counted from the tensors, activations from allocator events) must
+    be within [0, +10 %] of the plan.
+    """
+    on_cuda = device == "cuda"
+    widths, sizes = (PROBES if on_cuda else SMOKE_PROBES)[backbone]
+    preset = probe_preset(monkeypatch, backbone, widths[-1], smoke=not on_cuda)
+    result = benchmark.pedantic(
+        planner_calibration, args=(backbone, preset, technique, 2, sizes[0], device), rounds=1, iterations=1
+    )
+    benchmark.extra_info.update(result.as_dict())
+    assert result.error >= 0.0, result.as_dict()
+    if on_cuda:
+        assert result.measured_reserved is not None and result.measured_context is not None
+    else:
+        assert result.error <= 0.10, result.as_dict()

@@ -20,6 +20,7 @@ from torch import nn
 
 import earthmind_compat.optimize.plan as plan_module
 from earthmind_compat.errors import ConfigurationError, UnknownNameError
+from earthmind_compat.optimize.cuda_memory import check_device, cublas_workspace_bytes, cuda_terms
 from earthmind_compat.optimize.plan import count_weights, quantized_weight_bytes
 from earthmind_compat.optimize.sharding import DeviceStates, device_states, local_numel
 from earthmind_compat.optimize.techniques import parse_technique
@@ -210,3 +211,40 @@ def test_device_states_refuses_bad_combinations() -> None:
         device_states(model, parse_technique("nf4"), "fsdp", 2, 264, 66, 8)
     with pytest.raises(UnknownNameError, match="fsdp"):
         device_states(model, parse_technique("none"), "fsdq", 2, 264, 66, 8)
+
+
+@pytest.mark.parametrize(
+    ("major", "config", "expected"),
+    [
+        (8, "", 4096 * 1024 * 2 + 16 * 1024 * 8),  # ATen's ":4096:2:16:8" before Hopper
+        (7, "", 8_519_680),
+        (9, "", 32 * 2**20),
+        (10, "", 32 * 2**20),
+        (12, "", 32 * 2**20),
+        (None, "", 32 * 2**20),  # unknown GPU: the larger default, not below
+        (8, ":4096:8", 32 * 2**20),
+        (9, ":16:8", 128 * 1024),
+        (8, ":4096:2:16:8", 8_519_680),
+    ],
+)
+def test_cublas_workspace_follows_aten(major, config, expected):
+    assert cublas_workspace_bytes(major, config) == expected
+
+
+def test_cublas_workspace_config_without_pairs_is_refused():
+    with pytest.raises(ConfigurationError, match="':SIZE_KiB:COUNT'"):
+        cublas_workspace_bytes(8, "4096")
+
+
+def test_cuda_terms_add_context_workspaces_and_reserve():
+    terms = cuda_terms(1000 * 2**20, capability_major=8)
+    assert terms.context == 512 * 2**20
+    assert terms.cublas_workspace == 2 * 8_519_680
+    assert terms.allocator_reserve == 20 * 2**20 + int(0.10 * (1000 * 2**20 + 2 * 8_519_680))
+    assert terms.total == terms.context + terms.cublas_workspace + terms.allocator_reserve
+
+
+@pytest.mark.parametrize("value", ["gpu", "CUDA", True, None])
+def test_planner_device_is_checked(value):
+    with pytest.raises(ConfigurationError, match="device must be one of"):
+        check_device(value)

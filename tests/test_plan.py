@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from planner_probes import PLANNED_TECHNIQUES, PROBES, SMOKE_PROBES, probe_preset
 
 from earthmind_compat.backbones import backbone_class
 from earthmind_compat.builders import BACKBONE_BUILDERS
@@ -18,6 +19,7 @@ from earthmind_compat.optimize.plan import (
     build_on_meta,
     count_weights,
     estimate_activations,
+    largest_batches,
     measure_activation_peak,
     parse_size,
     plan_memory,
@@ -42,25 +44,8 @@ def test_weight_bytes_are_exact(name, technique):
     assert counted["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-#: The seven techniques the planner must get right (issue 17), in table order.
-PLANNED_TECHNIQUES = ("none", "int8", "nf4", "lora", "qlora", "ckpt", "qlora+ckpt")
-#: Per backbone: its full width and half of it, and two image sizes (patch 14: 256 / 1024 tokens; patch 16: the same).
-PROBES = {
-    "internvl2_5_4b": ((512, 1024), (224, 448)),
-    "earthmind_v1": ((512, 1024), (224, 448)),
-    "granite_4_tiny": ((768, 1536), (256, 512)),
-}
-#: The default suite's cases: every backbone x technique at width 128 and 64 tokens (Granite's Mamba chunk is
-#: the sequence, :data:`SMOKE_SETTINGS`). Narrower, fixed allocations dominate: at width 64 and 16 tokens (8 KiB
-#: token tensors) the same test measured -21 % .. +28 %, which says nothing about a real configuration.
-SMOKE_PROBES = {
-    "internvl2_5_4b": ((128,), (112,)),
-    "earthmind_v1": ((128,), (112,)),
-    "granite_4_tiny": ((128,), (128,)),
-}
-SMOKE_SETTINGS = {"granite_4_tiny": {"mamba_chunk_size": 64}}
 #: ``EARTHMIND_PLANNER_GRID=full`` (what ``nox -s planner_accuracy`` sets) runs the issue's grid, 84 cases of
-#: 5 to 90 s each; unset or ``smoke``, the same test runs the 21 small cases above.
+#: 5 to 90 s each; unset or ``smoke``, the same test runs the 21 small cases of ``SMOKE_PROBES``.
 PLANNER_GRID = os.environ.get("EARTHMIND_PLANNER_GRID", "smoke")
 if PLANNER_GRID not in ("smoke", "full"):
     raise pytest.UsageError(f"EARTHMIND_PLANNER_GRID={PLANNER_GRID!r}: use 'smoke' (the default) or 'full'.")
@@ -83,28 +68,6 @@ def _grid_cases() -> list:
     return cases
 
 
-def _probe_preset(monkeypatch: pytest.MonkeyPatch, name: str, width: int) -> str:
-    """A preset of two blocks at ``width`` (heads and MLP scaled with it), registered for the test.
-
-    Two blocks keep a CPU step within seconds and still show every term: a block's own memory, the sum over
-    blocks, one block's backward workspace. Granite gets one Mamba and one attention block, and 8 experts of
-    which 2 route (64 bitsandbytes experts take minutes per step on CPU; the expert width stays the real one).
-    """
-    presets = backbone_class(name).spec.presets
-    settings = dict(presets["full"], num_hidden_layers=2)
-    if name == "granite_4_tiny":
-        settings.update(layer_types=["mamba", "attention"], num_local_experts=8, num_experts_per_tok=2)
-        settings.update(hidden_size=width, mamba_n_heads=2 * width // 64, num_attention_heads=width // 64)
-        settings.update(num_key_value_heads=min(4, width // 64))  # 4 as released, 2 at width 128
-    else:
-        settings.update(hidden_size=width, num_attention_heads=width // 64, intermediate_size=4 * width)
-    if PLANNER_GRID == "smoke":
-        settings.update(SMOKE_SETTINGS.get(name, {}))
-    key = f"probe_{width}"
-    monkeypatch.setitem(presets, key, settings)
-    return key
-
-
 def _error(name: str, technique: str, batch: int, size: int, preset: str = "tiny") -> float:
     torch.manual_seed(0)
     model = BACKBONE_BUILDERS[name](preset=preset, in_chans=3, technique=technique)
@@ -122,7 +85,7 @@ def test_activation_estimate_within_10_percent_never_below(monkeypatch, record_p
 
     The error goes to the JUnit XML (``--junitxml``) as the property ``planner_error``: the issue's table.
     """
-    preset = _probe_preset(monkeypatch, name, width)
+    preset = probe_preset(monkeypatch, name, width, smoke=PLANNER_GRID == "smoke")
     error = _error(name, technique, 2, size, preset)
     record_property("planner_error", f"{error:+.4f}")
     assert 0.0 <= error <= 0.10, f"{name} {technique} width {width} {size} px: {error:+.1%}"
@@ -132,7 +95,11 @@ def test_plan_adds_up_and_decides_fit():
     plan = plan_memory("internvl2_5_4b", "tiny", "nf4+lora+ckpt", batch_size=2, image_size=112, gpu_memory="1GiB")
     assert plan.total == plan.weights + plan.gradients + plan.optimizer + plan.activations
     assert plan.fits is True
-    assert plan.optimizer == 2 * plan.gradients  # AdamW: two fp32 states per trainable parameter
+    torch.manual_seed(0)
+    model = BACKBONE_BUILDERS["internvl2_5_4b"](preset="tiny", in_chans=3)
+    apply(model, "nf4+lora+ckpt")
+    tensors = sum(1 for p in model.parameters() if p.requires_grad)
+    assert plan.optimizer == 2 * plan.gradients + 4 * tensors  # AdamW: two fp32 states per parameter, a step per tensor
     small = plan_memory("internvl2_5_4b", "tiny", "none", batch_size=2, image_size=112, gpu_memory=1000)
     assert small.fits is False
     assert small.weights == small.unoptimized_weights == plan.unoptimized_weights > plan.weights
@@ -220,7 +187,6 @@ def test_cli_plan_unknown_names(capsys):
 def _fsdp_worker(rank: int, world: int, out_dir: str, name: str, settings: dict, batch: int, size: int) -> None:
     """One rank of a 2-process gloo FSDP2 run on CPU: the local shard's bytes and the forward+backward peak."""
     import json
-    import os
 
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -305,3 +271,72 @@ def test_cli_plan_per_device(capsys):
     assert sharded["activations"] == single["activations"]  # the batch is per device
     assert main([*args, "--devices", "2"]) == 2  # one process cannot use two devices
     assert "--devices 2" in capsys.readouterr().err
+
+
+def test_largest_batch_is_the_last_batch_whose_plan_fits():
+    """Checked against plans made at that batch and the next one, on CPU and with the CUDA terms."""
+    for device in ("cpu", "cuda"):
+        at_five = plan_memory("internvl2_5_4b", "tiny", "qlora", batch_size=5, image_size=56, device=device)
+        memory = at_five.total + 1
+        plan = plan_memory("internvl2_5_4b", "tiny", "qlora", image_size=56, device=device, gpu_memory=memory)
+        assert plan.largest_batch == 5, device
+        at_six = plan_memory("internvl2_5_4b", "tiny", "qlora", batch_size=6, image_size=56, device=device)
+        assert at_six.total > memory
+    too_small = plan_memory("internvl2_5_4b", "tiny", "none", image_size=56, gpu_memory=1000)
+    assert too_small.largest_batch == 0 and too_small.fits is False
+
+
+def test_cuda_plan_adds_the_device_terms_to_the_same_trace():
+    cpu = plan_memory("granite_4_tiny", "tiny", "nf4+lora", batch_size=2, image_size=64)
+    cuda = plan_memory("granite_4_tiny", "tiny", "nf4+lora", batch_size=2, image_size=64, device="cuda")
+    assert cuda.activations == cpu.activations and cuda.weights == cpu.weights
+    assert cuda.total == cpu.total + cuda.cuda_context + cuda.cuda_workspace + cuda.allocator_reserve
+    assert cpu.cuda_context == cpu.cuda_workspace == cpu.allocator_reserve == 0
+    assert cuda.cuda_context > 0 and cuda.cuda_workspace > 0 and cuda.allocator_reserve > 0
+
+
+@pytest.mark.parametrize(("rank", "targets"), [(16, ["q_proj"]), (4, ["fc1", "fc2"]), (8, None)])
+def test_lora_rank_and_targets_come_from_the_arguments(rank, targets):
+    """Weights and trainable parameters counted for the given rank and targets equal a model built with them."""
+    plan = plan_memory("internvl2_5_4b", "tiny", "lora", image_size=56, lora_r=rank, lora_target_modules=targets)
+    torch.manual_seed(0)
+    model = BACKBONE_BUILDERS["internvl2_5_4b"](preset="tiny", in_chans=3)
+    apply(model, "lora", lora_r=rank, lora_target_modules=targets)
+    assert plan.weights == memory_bytes(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # AdamW: two fp32 states per trainable parameter and a float32 step counter per trainable tensor
+    assert plan.optimizer == 8 * sum(p.numel() for p in trainable) + 4 * len(trainable)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lora_target_modules": ["qkv"]}, "name no linear layer"),
+        ({"lora_target_modules": "q_proj"}, "list of module names"),
+        ({"device": "gpu"}, "device must be one of"),
+        ({"lora_r": 0}, "LoRA rank must be a positive integer"),
+        ({"batch_size": True}, "batch size must be a positive integer"),
+    ],
+)
+def test_plan_refuses_bad_arguments_before_tracing(kwargs, message):
+    with pytest.raises(ConfigurationError, match=message):
+        plan_memory("internvl2_5_4b", "tiny", "lora", image_size=56, **kwargs)
+
+
+def test_cli_plan_on_cuda_with_lora_targets(capsys):
+    args = ["plan", "--backbone", "internvl2_5_4b", "--preset", "tiny", "--image-size", "56", "--technique", "lora"]
+    assert main([*args, "--device", "cuda", "--gpu-memory", "2GiB", "--lora-targets", "q_proj,v_proj"]) == 0
+    out = capsys.readouterr().out
+    for label in ("CUDA context", "cuBLAS workspaces", "allocator reserve", "largest batch that fits"):
+        assert label in out
+    assert main([*args, "--lora-targets", "q_proj,wrong"]) == 2
+    assert "['wrong'] name no linear layer" in capsys.readouterr().err
+
+
+def test_largest_batches_from_one_trace_equal_single_plans():
+    memories = ["600MiB", "640MiB", "1GiB"]
+    table = largest_batches("granite_4_tiny", memories, preset="tiny", technique="qlora", image_size=64)
+    for memory in memories:
+        plan = plan_memory("granite_4_tiny", "tiny", "qlora", image_size=64, device="cuda", gpu_memory=memory)
+        assert table[parse_size(memory)] == plan.largest_batch
+    assert len(set(table.values())) == 3  # three different answers: the sizes span the interesting range

@@ -6,6 +6,7 @@ and ``earthmind-compat optimize``.
 
 from __future__ import annotations
 
+from earthmind_compat.bench.calibrate import Calibration, planner_calibration
 from earthmind_compat.bench.measure import (
     BENCHMARK_TECHNIQUES,
     Measurement,
@@ -19,11 +20,13 @@ from earthmind_compat.bench.measure import (
 
 __all__ = [
     "BENCHMARK_TECHNIQUES",
+    "Calibration",
     "Measurement",
     "benchmark_input",
     "build_for_benchmark",
     "make_step",
     "measure",
+    "planner_calibration",
     "saved_activation_bytes",
     "wrapper_overhead",
 ]

@@ -22,6 +22,13 @@ def memory_size(text: str) -> int:
     return size
 
 
+def lora_target_list(text: str | None) -> list[str] | None:
+    """``--lora-targets`` value -> module names (``None`` when not given; the planner checks the names)."""
+    if text is None:
+        return None
+    return [name.strip() for name in text.split(",")]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``plan``."""
     parser.add_argument("--backbone", required=True, help="registered backbone name, e.g. internvl2_5_4b")
@@ -45,6 +52,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training strategy; figures are per device (default: single)",
     )
     parser.add_argument("--devices", type=int, default=1, help="devices taking part (default: 1)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="cuda adds the CUDA context, cuBLAS workspaces and the caching allocator's reserve (default: cpu)",
+    )
+    parser.add_argument(
+        "--lora-targets",
+        default=None,
+        help="comma-separated module names LoRA adapts, e.g. qkv,proj (default: the backbone's own)",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -64,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         lora_r=args.lora_r,
         strategy=args.strategy,
         devices=args.devices,
+        device=args.device,
+        lora_target_modules=lora_target_list(args.lora_targets),
         **({"language_layers": args.language_layers} if args.language_layers else {}),
     )
     if args.json:
@@ -80,6 +100,15 @@ def run(args: argparse.Namespace) -> int:
             ("optimizer state", plan.optimizer),
             ("activations (fp32)", plan.activations),
             *((("strategy workspace", plan.workspace),) if plan.strategy != "single" else ()),
+            *(
+                (
+                    ("CUDA context", plan.cuda_context),
+                    ("cuBLAS workspaces", plan.cuda_workspace),
+                    ("allocator reserve", plan.allocator_reserve),
+                )
+                if plan.device == "cuda"
+                else ()
+            ),
             ("total", plan.total),
         ):
             line = f"  {label:<20} {format_bytes(value):>12}"
@@ -89,4 +118,5 @@ def run(args: argparse.Namespace) -> int:
         if plan.gpu_memory is not None:
             verdict = "fits" if plan.fits else "does NOT fit"
             print(f"  {verdict} in {format_bytes(plan.gpu_memory)}")
+            print(f"  largest batch that fits: {plan.largest_batch} per device")
     return 0 if plan.fits in (None, True) else 1

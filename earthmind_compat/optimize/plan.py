@@ -22,6 +22,10 @@
   of the backward (every block's kept bytes, the features' gradients, the largest workspace); the stem's
   backward.
 - Per-device figures for DDP, FSDP and ZeRO-3: :mod:`earthmind_compat.optimize.sharding`.
+- ``device="cuda"`` adds what a CUDA device holds beyond the allocated tensors (context, cuBLAS workspaces,
+  the caching allocator's reserve): :mod:`earthmind_compat.optimize.cuda_memory`.
+- With a memory size, the largest batch that fits is found from the same trace (every term is a piecewise
+  linear function of the batch, so no second trace is needed).
 
 :func:`measure_activation_peak` measures the real peak on CPU with the PyTorch profiler's allocator events
 and is what the estimate is validated against.
@@ -46,6 +50,7 @@ from torch.utils.checkpoint import checkpoint
 
 from earthmind_compat.backbones import backbone_class
 from earthmind_compat.errors import ConfigurationError, unknown_name
+from earthmind_compat.optimize.cuda_memory import CudaTerms, check_device, cuda_terms
 from earthmind_compat.optimize.experts import expert_weights, quantize_experts
 from earthmind_compat.optimize.families import find_blocks, linear_paths, lora_targets, replace_blocks
 from earthmind_compat.optimize.quantize import BLOCKSIZE_4BIT, quantize_linears
@@ -55,6 +60,8 @@ from earthmind_compat.sizes import parse_size
 
 #: Optimizer state bytes per trainable parameter (fp32 states).
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 0, "sgd_momentum": 4}
+#: Bytes of the step counter that Adam and AdamW keep per trainable tensor (a float32 scalar tensor).
+OPTIMIZER_STEP_BYTES = {"adamw": 4, "adam": 4, "sgd": 0, "sgd_momentum": 0}
 _NESTED_BLOCKSIZE = 256
 
 
@@ -65,7 +72,10 @@ class MemoryPlan:
     ``weights`` is what the technique stores (quantized codes and scales included); ``unoptimized_weights`` is
     the same backbone in full precision, for the ratio the technique buys. With a multi-device ``strategy``,
     ``weights``, ``gradients``, ``optimizer``, ``activations`` and ``workspace`` (DDP's gradient buckets, the
-    layers FSDP / ZeRO-3 gather) are per device, and ``total`` is one device's.
+    layers FSDP / ZeRO-3 gather) are per device, and ``total`` is one device's. With ``device="cuda"``,
+    ``cuda_context``, ``cuda_workspace`` (cuBLAS) and ``allocator_reserve`` are part of ``total``
+    (:mod:`earthmind_compat.optimize.cuda_memory`). ``largest_batch`` is the largest batch per device whose total
+    fits ``gpu_memory`` (0: not even one image; ``None`` without a memory size).
     """
 
     backbone: str
@@ -85,6 +95,11 @@ class MemoryPlan:
     strategy: str = "single"
     devices: int = 1
     workspace: int = 0
+    device: str = "cpu"
+    cuda_context: int = 0
+    cuda_workspace: int = 0
+    allocator_reserve: int = 0
+    largest_batch: int | None = None
 
     def as_dict(self) -> dict:
         """Plain dictionary (for JSON)."""
@@ -105,10 +120,10 @@ def quantized_weight_bytes(out_features: int, in_features: int, quantization: st
     return size
 
 
-def _lora_params(backbone: nn.Module, techniques: Techniques, r: int) -> int:
+def _lora_params(backbone: nn.Module, techniques: Techniques, r: int, target_modules: tuple[str, ...] | None) -> int:
     if not techniques.lora:
         return 0
-    targets = set(lora_targets(backbone))
+    targets = set(target_modules or lora_targets(backbone))
     total = 0
     for path, module in backbone.named_modules():
         if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in targets and ".experts." not in path:
@@ -116,8 +131,16 @@ def _lora_params(backbone: nn.Module, techniques: Techniques, r: int) -> int:
     return total
 
 
-def count_weights(backbone: nn.Module, techniques: Techniques, lora_r: int = 8) -> dict[str, int]:
+def count_weights(
+    backbone: nn.Module,
+    techniques: Techniques,
+    lora_r: int = 8,
+    lora_target_modules: tuple[str, ...] | None = None,
+) -> dict[str, int]:
     """Exact weight bytes and parameter counts of ``backbone`` (built on any device) under ``techniques``.
+
+    LoRA adapts ``lora_target_modules`` (module names, matched as the last part of a linear layer's path), by
+    default the backbone's own (:func:`~earthmind_compat.optimize.families.lora_targets`).
 
     Returns:
         ``{"weights": bytes, "parameters": n, "trainable": n}``.
@@ -145,7 +168,7 @@ def count_weights(backbone: nn.Module, techniques: Techniques, lora_r: int = 8) 
             params += p.numel()
             if techniques.lora:
                 frozen += p.numel()
-    lora = _lora_params(backbone, techniques, lora_r)
+    lora = _lora_params(backbone, techniques, lora_r, lora_target_modules)
     weights += 4 * lora
     if techniques.lora:  # LoRA keeps the backbone's freshly initialised modules trainable
         frozen -= sum(
@@ -154,6 +177,34 @@ def count_weights(backbone: nn.Module, techniques: Techniques, lora_r: int = 8) 
             for p in backbone.get_submodule(name).parameters()
         )
     return {"weights": weights, "parameters": params + lora, "trainable": params - frozen + lora}
+
+
+def count_trainable_tensors(
+    backbone: nn.Module, techniques: Techniques, lora_target_modules: tuple[str, ...] | None = None
+) -> int:
+    """Trainable parameter tensors of ``backbone`` under ``techniques`` (an optimizer keeps a step counter per tensor).
+
+    Without LoRA: every parameter but the quantized weights; with LoRA: two adapter matrices per adapted linear
+    layer and the parameters of the backbone's freshly initialised modules.
+    """
+    if techniques.lora:
+        targets = set(lora_target_modules or lora_targets(backbone))
+        adapted = sum(
+            1
+            for path, module in backbone.named_modules()
+            if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in targets and ".experts." not in path
+        )
+        fresh = sum(
+            1 for name in getattr(backbone, "new_modules", ()) for _ in backbone.get_submodule(name).parameters()
+        )
+        return 2 * adapted + fresh
+    quantized: set[int] = set()
+    if techniques.quantization:
+        for module in backbone.modules():
+            if type(module) is nn.Linear:
+                quantized.add(id(module.weight))
+            quantized.update(id(stack) for stack in expert_weights(module))
+    return sum(1 for p in backbone.parameters() if id(p) not in quantized)
 
 
 def build_on_meta(backbone_name: str, preset: str, in_chans: int = 3, **backbone_kwargs: object) -> nn.Module:
@@ -474,16 +525,40 @@ def trace_skeleton(backbone: nn.Module, image_size: int, in_chans: int) -> Skele
     return Skeleton(_line(*kept_at), _line(*gradients_at), _line(*backward_at), inputs)
 
 
-def estimate_activations(
+@dataclass(frozen=True)
+class ActivationTrace:
+    """A backbone's traced activation memory under one technique and image size, for any batch.
+
+    Attributes:
+        skeleton: Everything around the blocks (:func:`trace_skeleton`).
+        blocks: Per block that runs, its traced growth and its sequences per image.
+    """
+
+    skeleton: Skeleton
+    blocks: tuple[tuple[BlockGrowth, int], ...]
+
+    def at(self, batch: int) -> int:
+        """Estimated peak activation bytes of one training step at ``batch`` images (see the module docstring)."""
+        kinds = [(growth, sequences * batch) for growth, sequences in self.blocks]
+        kept, gradients, stem_backward = self.skeleton.at(batch)
+        left = [g.kept_bytes(n) for g, n in kinds]  # with checkpointing: the output and what bitsandbytes holds
+        # the peak is in a block's forward (the blocks below it keep theirs), where the backward starts (every
+        # block's memory, the features' gradients, the largest block workspace: counted for any block, an upper
+        # bound) or in the stem's backward, after the blocks freed theirs
+        forward_peak = max(sum(left[:i]) + g.forward_bytes(n) for i, (g, n) in enumerate(kinds))
+        backward_peak = gradients + sum(left) + max(g.workspace_bytes(n) for g, n in kinds)
+        return int(kept + max(forward_peak, backward_peak, stem_backward))
+
+
+def trace_activations(
     backbone: nn.Module,
     techniques: Techniques,
-    batch_size: int,
     image_size: int,
     lora_r: int = 8,
     lora_target_modules: tuple[str, ...] | None = None,
     in_chans: int = 3,
-) -> int:
-    """Estimated peak activation bytes of one training step of ``backbone`` (fp32), see the module docstring."""
+) -> ActivationTrace:
+    """Trace the activation memory of ``backbone`` under ``techniques`` once, for any batch size."""
     targets = tuple(lora_target_modules or lora_targets(backbone)) if techniques.lora else ()
     blocks = find_blocks(backbone)
     skeleton = trace_skeleton(backbone, image_size, in_chans)
@@ -494,15 +569,66 @@ def estimate_activations(
         key = (_block_kind(block), layout, tuple(shape))
         if key not in growth:
             growth[key] = block_growth(block, hidden, techniques, tokens, targets, lora_r, layout)
-        kinds.append((growth[key], sequences * batch_size))
-    kept, gradients, stem_backward = skeleton.at(batch_size)
-    left = [g.kept_bytes(n) for g, n in kinds]  # with checkpointing: the output and what bitsandbytes holds
-    # the peak is in a block's forward (the blocks below it keep theirs), where the backward starts (every block's
-    # memory, the features' gradients, the largest block workspace: counted for any block, an upper bound) or in
-    # the stem's backward, after the blocks freed theirs
-    forward_peak = max(sum(left[:i]) + g.forward_bytes(n) for i, (g, n) in enumerate(kinds))
-    backward_peak = gradients + sum(left) + max(g.workspace_bytes(n) for g, n in kinds)
-    return int(kept + max(forward_peak, backward_peak, stem_backward))
+        kinds.append((growth[key], sequences))
+    return ActivationTrace(skeleton, tuple(kinds))
+
+
+def estimate_activations(
+    backbone: nn.Module,
+    techniques: Techniques,
+    batch_size: int,
+    image_size: int,
+    lora_r: int = 8,
+    lora_target_modules: tuple[str, ...] | None = None,
+    in_chans: int = 3,
+) -> int:
+    """Estimated peak activation bytes of one training step of ``backbone`` (fp32), see the module docstring."""
+    trace = trace_activations(backbone, techniques, image_size, lora_r, lora_target_modules, in_chans)
+    return trace.at(batch_size)
+
+
+def _check_lora_targets(backbone: nn.Module, targets: object) -> tuple[str, ...] | None:
+    """``None``, or the target names as a tuple, each naming at least one linear layer of ``backbone``."""
+    if targets is None:
+        return None
+    if isinstance(targets, str) or not all(isinstance(t, str) and t for t in targets):  # type: ignore[union-attr]
+        raise ConfigurationError(
+            f"LoRA target modules must be a list of module names, e.g. ['qkv', 'proj'], got {targets!r}."
+        )
+    names = tuple(targets)  # type: ignore[arg-type]
+    present = sorted({path.rsplit(".", 1)[-1] for path, m in backbone.named_modules() if isinstance(m, nn.Linear)})
+    unknown = [name for name in names if name not in present]
+    if unknown or not names:
+        raise ConfigurationError(
+            f"LoRA target modules {unknown or list(names)} name no linear layer of this backbone; "
+            f"its linear layers are named {present}."
+        )
+    return names
+
+
+def _total(states_total: int, activations: int, device: str) -> tuple[int, CudaTerms]:
+    allocated = states_total + activations
+    terms = cuda_terms(allocated) if device == "cuda" else CudaTerms(0, 0, 0)
+    return allocated + terms.total, terms
+
+
+def _largest_batch(trace: ActivationTrace, states_total: int, device: str, memory: int) -> int:
+    """The largest batch whose total fits ``memory`` (0 if one image does not): doubling, then bisection."""
+
+    def fits(batch: int) -> bool:
+        return _total(states_total, trace.at(batch), device)[0] <= memory
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while fits(high):
+        low, high = high, high * 2
+        if high > 2**20:  # a million images per device: the memory is no limit worth reporting
+            return low
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def plan_memory(
@@ -517,6 +643,8 @@ def plan_memory(
     lora_r: int = 8,
     strategy: str = "single",
     devices: int = 1,
+    device: str = "cpu",
+    lora_target_modules: tuple[str, ...] | list[str] | None = None,
     **backbone_kwargs: object,
 ) -> MemoryPlan:
     """Plan the training memory of a backbone configuration.
@@ -527,13 +655,16 @@ def plan_memory(
         technique: Technique string, e.g. ``"nf4+lora+ckpt"``.
         batch_size: Images per step.
         image_size: Image side in pixels.
-        gpu_memory: Device memory, e.g. ``"24GiB"``; with it, ``fits`` is decided.
+        gpu_memory: Device memory, e.g. ``"24GiB"``; with it, ``fits`` and ``largest_batch`` are decided.
         optimizer: ``adamw``, ``adam``, ``sgd`` or ``sgd_momentum``.
         in_chans: Input bands.
         lora_r: LoRA rank.
         strategy: ``single``, ``ddp``, ``fsdp`` or ``deepspeed_stage_3`` (per-device figures, see
             :mod:`earthmind_compat.optimize.sharding`).
         devices: Devices taking part (``batch_size`` is per device, as in Lightning).
+        device: ``cpu`` (the traced bytes) or ``cuda`` (plus the CUDA context, cuBLAS workspaces and the caching
+            allocator's reserve, :mod:`earthmind_compat.optimize.cuda_memory`).
+        lora_target_modules: Module names LoRA adapts (default: the backbone's own), as given to ``optimize``.
         **backbone_kwargs: More constructor arguments of the backbone (e.g. ``language_layers=4``).
 
     Returns:
@@ -541,16 +672,83 @@ def plan_memory(
 
     Raises:
         UnknownNameError: for an unknown backbone, preset, technique or optimizer.
-        ConfigurationError: for non-positive sizes, or a strategy that does not go with the devices or technique.
+        ConfigurationError: for non-positive sizes or rank, an unknown device, LoRA targets the backbone does not
+            have, or a strategy that does not go with the devices or technique.
     """
+    return _plan(
+        backbone,
+        preset,
+        technique,
+        batch_size,
+        image_size,
+        gpu_memory,
+        optimizer,
+        in_chans,
+        lora_r,
+        strategy,
+        devices,
+        device,
+        lora_target_modules,
+        **backbone_kwargs,
+    )[0]
+
+
+def largest_batches(
+    backbone: str,
+    memories: list[str | int],
+    preset: str = "full",
+    technique: str | Techniques | None = None,
+    image_size: int = 224,
+    device: str = "cuda",
+    **plan_kwargs: object,
+) -> dict[int, int]:
+    """The largest batch per device that fits each of ``memories``, from one trace.
+
+    Args:
+        backbone: Registered backbone name.
+        memories: Device memory sizes, e.g. ``["24GiB", "80GiB"]``.
+        preset: Preset name.
+        technique: Technique string.
+        image_size: Image side in pixels.
+        device: ``cuda`` (default: with the CUDA terms) or ``cpu``.
+        **plan_kwargs: Any other argument of :func:`plan_memory` but the batch size and memory.
+
+    Returns:
+        ``{memory in bytes: largest batch}`` (0: not even one image fits).
+    """
+    _, trace, states_total = _plan(backbone, preset, technique, 1, image_size, None, device=device, **plan_kwargs)
+    sizes = [parse_size(memory) for memory in memories]
+    return {size: _largest_batch(trace, states_total, device, size) for size in sizes if size is not None}
+
+
+def _plan(
+    backbone: str,
+    preset: str = "full",
+    technique: str | Techniques | None = None,
+    batch_size: int = 1,
+    image_size: int = 224,
+    gpu_memory: str | int | None = None,
+    optimizer: str = "adamw",
+    in_chans: int = 3,
+    lora_r: int = 8,
+    strategy: str = "single",
+    devices: int = 1,
+    device: str = "cpu",
+    lora_target_modules: tuple[str, ...] | list[str] | None = None,
+    **backbone_kwargs: object,
+) -> tuple[MemoryPlan, ActivationTrace, int]:
+    """:func:`plan_memory`, with the activation trace and the bytes that do not grow with the batch."""
     techniques = parse_technique(technique)
     if optimizer not in OPTIMIZER_STATE_BYTES:
         raise unknown_name("optimizer", optimizer, OPTIMIZER_STATE_BYTES)
-    if batch_size < 1 or image_size < 1:
-        raise ConfigurationError(f"batch size and image size must be positive, got {batch_size} and {image_size}.")
+    for label, value in (("batch size", batch_size), ("image size", image_size), ("LoRA rank", lora_r)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigurationError(f"{label} must be a positive integer, got {value!r}.")
+    check_device(device)
     device_memory = parse_size(gpu_memory)
     model = build_on_meta(backbone, preset, in_chans, **backbone_kwargs)
-    counts = count_weights(model, techniques, lora_r)
+    targets = _check_lora_targets(model, lora_target_modules) if techniques.lora else None
+    counts = count_weights(model, techniques, lora_r, targets)
     unoptimized = count_weights(model, parse_technique("none"))["weights"]
     states = device_states(
         model,
@@ -561,9 +759,14 @@ def plan_memory(
         counts["trainable"],
         OPTIMIZER_STATE_BYTES[optimizer],
     )
-    activations = estimate_activations(model, techniques, batch_size, image_size, lora_r=lora_r, in_chans=in_chans)
-    total = states.weights + states.gradients + states.optimizer + activations + states.workspace
-    return MemoryPlan(
+    optimizer_bytes = states.optimizer + OPTIMIZER_STEP_BYTES[optimizer] * count_trainable_tensors(
+        model, techniques, targets
+    )
+    trace = trace_activations(model, techniques, image_size, lora_r, targets, in_chans)
+    activations = trace.at(batch_size)
+    states_total = states.weights + states.gradients + optimizer_bytes + states.workspace
+    total, terms = _total(states_total, activations, device)
+    plan = MemoryPlan(
         backbone,
         preset,
         techniques.name,
@@ -573,7 +776,7 @@ def plan_memory(
         states.weights,
         unoptimized,
         states.gradients,
-        states.optimizer,
+        optimizer_bytes,
         activations,
         total,
         device_memory,
@@ -581,7 +784,13 @@ def plan_memory(
         strategy,
         devices,
         states.workspace,
+        device,
+        terms.context,
+        terms.cublas_workspace,
+        terms.allocator_reserve,
+        None if device_memory is None else _largest_batch(trace, states_total, device, device_memory),
     )
+    return plan, trace, states_total
 
 
 def measure_activation_peak(backbone: nn.Module, x: torch.Tensor) -> int:
