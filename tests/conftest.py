@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -205,3 +206,25 @@ def _randomize(model) -> None:
                 param.normal_(0, 0.5)
             if "lambda_" in name:
                 param.uniform_(0.5, 1.5)
+
+
+@pytest.fixture(scope="session")
+def gloo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One two-process gloo run (DDP steps, then an FSDP2 step) shared by the distributed checks; its directory.
+
+    Under pytest-xdist every worker has its own session: the run goes to the directory the workers share, under
+    a file lock, so the first worker to need it spawns it and the other reads its results.
+    """
+    import two_process_runs
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base directory, above each worker's own
+    out_dir = root / "gloo"
+    with FileLock(str(root / "gloo.lock")):
+        if not (out_dir / "done").exists():
+            out_dir.mkdir(exist_ok=True)
+            two_process_runs.run(str(out_dir))
+            (out_dir / "done").touch()
+    return out_dir

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from planner_probes import PLANNED_TECHNIQUES, PROBES, SMOKE_PROBES, probe_preset
+from two_process_runs import FSDP_BATCH, FSDP_NAME, FSDP_PRESET, FSDP_SIZE, fsdp_settings
 
 from earthmind_compat.backbones import backbone_class
 from earthmind_compat.builders import BACKBONE_BUILDERS
@@ -184,77 +185,21 @@ def test_cli_plan_unknown_names(capsys):
         plan_memory("internvl2_5_4b", "tiny", "nf5")
 
 
-def _fsdp_worker(rank: int, world: int, out_dir: str, name: str, settings: dict, batch: int, size: int) -> None:
-    """One rank of a 2-process gloo FSDP2 run on CPU: the local shard's bytes and the forward+backward peak."""
-    import json
-
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    from earthmind_compat.optimize.families import find_blocks
-    from earthmind_compat.optimize.plan import profiled_peak
-
-    backbone_class(name).spec.presets["probe_fsdp"] = settings  # a spawned process starts from the module's presets
-    # a file rendezvous: no port to pick, so no race with other processes for a free one
-    dist.init_process_group(
-        "gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank, world_size=world
-    )
-    try:
-        torch.manual_seed(0)
-        model = BACKBONE_BUILDERS[name](preset="probe_fsdp", in_chans=3)
-        mesh = init_device_mesh("cpu", (world,))
-        for block in find_blocks(model):
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        local = sum(p.to_local().untyped_storage().nbytes() for p in model.parameters())
-        optimizer = torch.optim.AdamW(model.parameters())
-        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(rank))
-        directions: list[torch.Tensor] = []
-
-        def forward_backward() -> None:
-            features = model(x)
-            if not directions:
-                directions.extend(torch.randn(f.shape, generator=torch.Generator().manual_seed(1)) for f in features)
-            sum((f * d).sum() for f, d in zip(features, directions, strict=True)).backward()
-
-        forward_backward()  # warm-up step: optimizer state exists, gradients freed as Lightning does
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        peak = profiled_peak(forward_backward)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
-            json.dump({"weights": local, "peak": peak}, handle)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.numerics
-def test_fsdp_plan_against_two_process_gloo_run(monkeypatch, tmp_path):
+def test_fsdp_plan_against_two_process_gloo_run(monkeypatch, gloo_run):
     """Per-device weights exact, and the step's peak (activations, gathered layers, gradients) not above the plan.
 
     The run is FSDP2 (``fully_shard``, each block a unit) on CPU with gloo: FSDP1, which Lightning's FSDPStrategy
     uses, refuses to run without an accelerator.
     """
-    import json
-
-    import torch.multiprocessing as mp
-
-    name, batch, size = "internvl2_5_4b", 2, 224
-    settings = dict(
-        backbone_class(name).spec.presets["full"],
-        num_hidden_layers=2,
-        hidden_size=256,
-        num_attention_heads=4,
-        intermediate_size=1024,
-    )
-    monkeypatch.setitem(backbone_class(name).spec.presets, "probe_fsdp", settings)
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path), name, settings, batch, size), nprocs=2, join=True)
-    plan = plan_memory(name, "probe_fsdp", "none", batch, size, strategy="fsdp", devices=2)
-    single = plan_memory(name, "probe_fsdp", "none", batch, size)
+    name, batch, size = FSDP_NAME, FSDP_BATCH, FSDP_SIZE
+    monkeypatch.setitem(backbone_class(name).spec.presets, FSDP_PRESET, fsdp_settings())
+    plan = plan_memory(name, FSDP_PRESET, "none", batch, size, strategy="fsdp", devices=2)
+    single = plan_memory(name, FSDP_PRESET, "none", batch, size)
     # FSDP2 splits dim 0: a parameter of one row (position embeddings, CLS token) stays whole on every device
     assert single.weights / 2 < plan.weights < single.weights
     for rank in range(2):
-        measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        measured = json.loads((gloo_run / f"fsdp_rank{rank}.json").read_text())
         assert measured["weights"] == plan.weights
         planned = plan.gradients + plan.activations + plan.workspace
         assert measured["peak"] <= planned <= 1.25 * measured["peak"], (planned, measured["peak"])
