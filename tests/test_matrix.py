@@ -162,6 +162,17 @@ def test_compat_workflow_takes_its_matrix_from_nox() -> None:
         assert cell.id not in text, f"{cell.id} is hard-coded in a workflow"
 
 
+def test_tests_workflow_runs_every_layer_once() -> None:
+    """The tests workflow shards the suite by layer: its matrix is exactly conftest's layers but ``gpu``."""
+    from conftest import LAYERS
+
+    job = _workflow("tests.yml")["jobs"]["tests"]
+    assert sorted(job["strategy"]["matrix"]["layer"]) == sorted(LAYERS - {"gpu"})
+    runs = [s for s in job["steps"] if "run" in s and "nox -s tests" in s["run"]]
+    assert len(runs) == 1 and runs[0]["env"]["LAYER"] == "${{ matrix.layer }}"
+    assert '-m "${LAYER} and not gpu"' in runs[0]["run"]
+
+
 def test_gha_matrix_pipeline_matches_nox(tmp_path: Path) -> None:
     """Run the workflow's own pipeline (`nox -l --json -s compat | python -m tools.matrix gha-matrix`)."""
     listing = json.dumps(_nox_listing("-s", "compat"))
