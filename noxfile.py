@@ -381,8 +381,10 @@ MUTATION_TARGETS: dict[str, list[str]] = {
     ],
     "optimize.plan (byte counts)": [
         f"earthmind_compat.optimize.plan.x_{function}__mutmut_*"
-        for function in ("quantized_weight_bytes", "_lora_params", "count_weights")
+        for function in ("quantized_weight_bytes", "_lora_params", "count_weights", "count_trainable_tensors")
     ],
+    # the planner's CUDA terms (ATen's cuBLAS workspace sizes, the context and allocator assumptions)
+    "optimize.cuda_memory": ["earthmind_compat.optimize.cuda_memory.*"],
     # the recipes' checks: each rule's checks in NECK_RULES / DECODER_RULES and the functions that run them
     "recipes (checks)": [
         f"earthmind_compat.recipes.x_{function}__mutmut_*"

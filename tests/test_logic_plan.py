@@ -21,7 +21,7 @@ from torch import nn
 import earthmind_compat.optimize.plan as plan_module
 from earthmind_compat.errors import ConfigurationError, UnknownNameError
 from earthmind_compat.optimize.cuda_memory import check_device, cublas_workspace_bytes, cuda_terms
-from earthmind_compat.optimize.plan import count_weights, quantized_weight_bytes
+from earthmind_compat.optimize.plan import count_trainable_tensors, count_weights, quantized_weight_bytes
 from earthmind_compat.optimize.sharding import DeviceStates, device_states, local_numel
 from earthmind_compat.optimize.techniques import parse_technique
 
@@ -248,3 +248,29 @@ def test_cuda_terms_add_context_workspaces_and_reserve():
 def test_planner_device_is_checked(value):
     with pytest.raises(ConfigurationError, match="device must be one of"):
         check_device(value)
+
+
+@pytest.mark.parametrize(
+    ("technique", "targets", "expected"),
+    [
+        ("none", None, 10),  # q.weight, q.bias, v.weight, norm (2), the expert's q, the fused stack (2), head (2)
+        ("ckpt", None, 10),
+        ("int8", None, 4),  # the 4 linear weights and the 2 fused stacks are quantized: biases and norm remain
+        ("nf4", None, 4),
+        ("lora", None, 6),  # adapters of blocks.0.q and blocks.0.v (A and B each), the new head's 2
+        ("nf4+lora", None, 6),
+        ("lora", ("v",), 4),  # the targets given replace the backbone's
+    ],
+)
+def test_count_trainable_tensors(toy: _Toy, technique: str, targets: tuple[str, ...] | None, expected: int) -> None:
+    assert count_trainable_tensors(toy, parse_technique(technique), targets) == expected
+
+
+def test_trainable_tensors_without_new_modules_are_the_adapters(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan_module, "lora_targets", lambda backbone: ("q", "v"))
+    assert count_trainable_tensors(_Toy(new_modules=False), parse_technique("lora")) == 4
+
+
+def test_count_weights_lora_targets_given_replace_the_backbones(toy: _Toy) -> None:
+    counted = count_weights(toy, parse_technique("lora"), lora_r=2, lora_target_modules=("v",))
+    assert counted["parameters"] == 181 + 2 * (6 + 4) and counted["trainable"] == 15 + 2 * (6 + 4)
