@@ -274,3 +274,11 @@ def test_trainable_tensors_without_new_modules_are_the_adapters(monkeypatch: pyt
 def test_count_weights_lora_targets_given_replace_the_backbones(toy: _Toy) -> None:
     counted = count_weights(toy, parse_technique("lora"), lora_r=2, lora_target_modules=("v",))
     assert counted["parameters"] == 181 + 2 * (6 + 4) and counted["trainable"] == 15 + 2 * (6 + 4)
+
+
+def test_cublas_workspace_reads_the_environment_when_no_config_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    assert cublas_workspace_bytes(8) == 32 * 2**20
+    assert cublas_workspace_bytes(8, "") == 8_519_680  # an explicit empty config is ATen's default
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    assert cublas_workspace_bytes(8) == 8_519_680
