@@ -18,9 +18,9 @@
   bitsandbytes dequantizes, expert intermediates) and its backward's peak above what it kept (``workspace``:
   output and input gradients, attention's transient gradients, a weight-sized gradient before
   accumulation, with checkpointing the recomputed forward) are each ``a + b * batch``. The estimate is the
-  largest of three moments: a block's forward with the blocks below it holding what they keep; the start
-  of the backward (every block's kept bytes, the features' gradients, the largest workspace); the stem's
-  backward.
+  largest of three moments: a block's forward with the blocks below it holding what they keep; a block's
+  backward (its workspace, the features' gradients, what the blocks below it keep, and of the blocks above it,
+  whose backward has run, only the outputs returned as features); the stem's backward.
 - Per-device figures for DDP, FSDP and ZeRO-3: :mod:`earthmind_compat.optimize.sharding`.
 - ``device="cuda"`` adds what a CUDA device holds beyond the allocated tensors (context, cuBLAS workspaces,
   the caching allocator's reserve): :mod:`earthmind_compat.optimize.cuda_memory`.
@@ -457,12 +457,15 @@ class Skeleton:
         backward: The skeleton's backward peak above what it kept (``a + b * batch``): the features' gradients and
             the stem's backward (e.g. a patch convolution's), which runs after every block has freed its memory.
         inputs: Per block that runs, its input's shape at batch 1 and its memory layout (:func:`_layout`).
+        features: Per block that runs, whether its output is returned as a feature (it then stays allocated
+            until the step ends, after the block's backward freed the rest of what the block kept).
     """
 
     kept: tuple[float, float]
     gradients: tuple[float, float]
     backward: tuple[float, float]
     inputs: tuple[tuple[torch.Size, tuple[int, ...]], ...]
+    features: tuple[bool, ...] = ()
 
     def at(self, batch: int) -> tuple[float, float, float]:
         """``(kept, gradients, backward)`` bytes at ``batch`` images."""
@@ -487,6 +490,7 @@ def trace_skeleton(backbone: nn.Module, image_size: int, in_chans: int) -> Skele
             module.record = record
     kept_at, gradients_at, backward_at = [], [], []
     inputs: tuple[tuple[torch.Size, tuple[int, ...]], ...] = ()
+    returned: tuple[bool, ...] = ()
     for batch in (1, 2):
         x = torch.randn(batch, in_chans, image_size, image_size)
         generator = torch.Generator().manual_seed(0)
@@ -522,7 +526,8 @@ def trace_skeleton(backbone: nn.Module, image_size: int, in_chans: int) -> Skele
         backward_at.append(_profiled(backward)[0])
         if batch == 1:
             inputs = tuple((shape, layout) for shape, layout, _ in record)
-    return Skeleton(_line(*kept_at), _line(*gradients_at), _line(*backward_at), inputs)
+            returned = tuple(pointer in alive for _, _, pointer in record)
+    return Skeleton(_line(*kept_at), _line(*gradients_at), _line(*backward_at), inputs, returned)
 
 
 @dataclass(frozen=True)
@@ -542,11 +547,18 @@ class ActivationTrace:
         kinds = [(growth, sequences * batch) for growth, sequences in self.blocks]
         kept, gradients, stem_backward = self.skeleton.at(batch)
         left = [g.kept_bytes(n) for g, n in kinds]  # with checkpointing: the output and what bitsandbytes holds
-        # the peak is in a block's forward (the blocks below it keep theirs), where the backward starts (every
-        # block's memory, the features' gradients, the largest block workspace: counted for any block, an upper
-        # bound) or in the stem's backward, after the blocks freed theirs
+        # what a block above keeps once its backward ran: its output if that is a feature (the caller holds it)
+        returned = self.skeleton.features or (True,) * len(kinds)
+        outputs = [math.prod(shape) * 4 * batch for shape, _ in self.skeleton.inputs]
+        after = [min(k, o) if r else 0.0 for k, o, r in zip(left, outputs, returned, strict=False)]
+        # the peak is in a block's forward (the blocks below it keep theirs), in a block's backward (the features'
+        # gradients, which arrive together when the backward starts, an upper bound; the blocks below it keep
+        # theirs, the blocks above it only their returned outputs) or in the stem's backward, after the blocks
+        # freed theirs
         forward_peak = max(sum(left[:i]) + g.forward_bytes(n) for i, (g, n) in enumerate(kinds))
-        backward_peak = gradients + sum(left) + max(g.workspace_bytes(n) for g, n in kinds)
+        backward_peak = gradients + max(
+            sum(left[: i + 1]) + sum(after[i + 1 :]) + g.workspace_bytes(n) for i, (g, n) in enumerate(kinds)
+        )
         return int(kept + max(forward_peak, backward_peak, stem_backward))
 
 
