@@ -278,6 +278,14 @@ def test_a_block_backward_counts_only_the_returned_outputs_of_the_blocks_above(r
     assert trace.at(3) == 3 * expected  # everything here grows with the batch
 
 
+def test_what_a_block_above_retains_past_its_backward_is_counted() -> None:
+    """Tensors bitsandbytes keeps on its autograd context live until the whole backward ends."""
+    trace = _trace((True, True))
+    held = BlockGrowth(kept=(0.0, 500.0), workspace=(0.0, 50.0), forward=(0.0, 10.0), retained=(0.0, 30.0))
+    trace = ActivationTrace(trace.skeleton, (trace.blocks[0], (held, 1)))
+    assert trace.at(1) == 8 + 100 + 1000 + 64 + 30
+
+
 def test_the_upper_block_backward_counts_every_block_below() -> None:
     """When the upper block's backward is the largest moment, it sees every block's kept bytes."""
     low = BlockGrowth(kept=(0.0, 100.0), workspace=(0.0, 50.0))
