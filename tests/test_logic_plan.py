@@ -21,7 +21,14 @@ from torch import nn
 import earthmind_compat.optimize.plan as plan_module
 from earthmind_compat.errors import ConfigurationError, UnknownNameError
 from earthmind_compat.optimize.cuda_memory import check_device, cublas_workspace_bytes, cuda_terms
-from earthmind_compat.optimize.plan import count_trainable_tensors, count_weights, quantized_weight_bytes
+from earthmind_compat.optimize.plan import (
+    ActivationTrace,
+    BlockGrowth,
+    Skeleton,
+    count_trainable_tensors,
+    count_weights,
+    quantized_weight_bytes,
+)
 from earthmind_compat.optimize.sharding import DeviceStates, device_states, local_numel
 from earthmind_compat.optimize.techniques import parse_technique
 
@@ -282,3 +289,48 @@ def test_cublas_workspace_reads_the_environment_when_no_config_is_given(monkeypa
     assert cublas_workspace_bytes(8, "") == 8_519_680  # an explicit empty config is ATen's default
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     assert cublas_workspace_bytes(8) == 8_519_680
+
+
+def _trace(returned: tuple[bool, bool]) -> ActivationTrace:
+    """Two blocks of 1-sequence inputs [1, 2, 8] (64 bytes of output per image): the lower one with the large
+    backward workspace, the upper one with the large kept memory (Granite's Mamba block under its attention block
+    in transformers 4.x). Per image: block 0 keeps 100, needs 1000 in its backward; block 1 keeps 500, needs 50."""
+    low = BlockGrowth(kept=(0.0, 100.0), workspace=(0.0, 1000.0), forward=(0.0, 10.0))
+    high = BlockGrowth(kept=(0.0, 500.0), workspace=(0.0, 50.0), forward=(0.0, 10.0))
+    shape = (torch.Size([1, 2, 8]), (0, 1, 2))
+    skeleton = Skeleton(
+        kept=(0.0, 0.0), gradients=(0.0, 8.0), backward=(0.0, 0.0), inputs=(shape, shape), features=returned
+    )
+    return ActivationTrace(skeleton, ((low, 1), (high, 1)))
+
+
+@pytest.mark.parametrize(
+    ("returned", "expected"),
+    [
+        # block 0's backward: the features' gradients 8, its own 100 + 1000, block 1's returned output 64
+        # (the rest of block 1's 500 was freed by block 1's backward, which ran first)
+        ((True, True), 8 + 100 + 1000 + 64),
+        ((False, False), 8 + 100 + 1000),
+    ],
+)
+def test_a_block_backward_counts_only_the_returned_outputs_of_the_blocks_above(returned, expected) -> None:
+    trace = _trace(returned)
+    assert trace.at(1) == expected
+    assert trace.at(3) == 3 * expected  # everything here grows with the batch
+
+
+def test_what_a_block_above_retains_past_its_backward_is_counted() -> None:
+    """Tensors bitsandbytes keeps on its autograd context live until the whole backward ends."""
+    trace = _trace((True, True))
+    held = BlockGrowth(kept=(0.0, 500.0), workspace=(0.0, 50.0), forward=(0.0, 10.0), retained=(0.0, 30.0))
+    trace = ActivationTrace(trace.skeleton, (trace.blocks[0], (held, 1)))
+    assert trace.at(1) == 8 + 100 + 1000 + 64 + 30
+
+
+def test_the_upper_block_backward_counts_every_block_below() -> None:
+    """When the upper block's backward is the largest moment, it sees every block's kept bytes."""
+    low = BlockGrowth(kept=(0.0, 100.0), workspace=(0.0, 50.0))
+    high = BlockGrowth(kept=(0.0, 500.0), workspace=(0.0, 1000.0))
+    shape = (torch.Size([1, 2, 8]), (0, 1, 2))
+    skeleton = Skeleton((0.0, 0.0), (0.0, 8.0), (0.0, 0.0), (shape, shape), (True, True))
+    assert ActivationTrace(skeleton, ((low, 1), (high, 1))).at(1) == 8 + 100 + 500 + 1000

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 
 import pytest
 import torch
 from terratorch.models import EncoderDecoderFactory
+from torch import nn
 
 from earthmind_compat.builders import BACKBONE_BUILDERS
 from earthmind_compat.compat import transformers_quantizes_on_cpu
@@ -107,6 +109,46 @@ def test_split_experts_equal_fused_experts_exactly():
         assert not any(is_expert_stack(m) for m in fused.modules())
         assert any(isinstance(m, (QuantizedExperts, QuantizedParallelExperts)) for m in fused.modules())
         torch.testing.assert_close(fused(x), expected, rtol=1e-6, atol=1e-6)
+
+
+class _ParallelExpertsLayout(nn.Module):
+    """The storage of transformers 4.x's ``GraniteMoeHybridParallelExperts`` (not in 5.x): ``weight [E, out, in]``."""
+
+    def __init__(self, num_experts: int, input_size: int, output_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_experts, output_size, input_size) * 0.1)
+        self.num_experts, self.input_size, self.output_size = num_experts, input_size, output_size
+
+
+def _parallel_experts(num_experts: int, input_size: int, output_size: int) -> nn.Module:
+    from transformers.models.granitemoehybrid import modeling_granitemoehybrid
+
+    real = getattr(modeling_granitemoehybrid, "GraniteMoeHybridParallelExperts", None)  # transformers 4.x only
+    experts = (real or _ParallelExpertsLayout)(num_experts, input_size, output_size)
+    if real is not None:
+        nn.init.normal_(experts.weight, std=0.1)
+    return experts
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("quantization", ["nf4", "fp4"])
+def test_an_expert_without_rows_does_not_keep_the_grouped_input(quantization):
+    """The rows routed to no expert leave nothing behind: what a step keeps must not depend on the routing.
+
+    bitsandbytes' 4-bit matmul keeps an empty input on its autograd context; called for an expert without rows,
+    that empty view held the whole grouped input until the backward (640 KiB of the Granite planner probe).
+    """
+    torch.manual_seed(0)
+    experts = QuantizedParallelExperts(_parallel_experts(3, 64, 32), quantization)
+    source = torch.randn(6, 64, requires_grad=True)
+    grouped = source * 1.0  # the MoE block's copy of the rows, grouped by expert
+    alive = weakref.ref(grouped)
+    out = experts(grouped, [4, 0, 2])
+    del grouped
+    assert alive() is None
+    assert out.shape == (6, 32)
+    out.square().sum().backward()
+    assert source.grad is not None and source.grad.abs().sum() > 0
 
 
 @pytest.mark.numerics

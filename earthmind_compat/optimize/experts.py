@@ -181,9 +181,17 @@ class QuantizedParallelExperts(nn.Module):
 
         Returns:
             ``[T * k, out]``.
+
+        An expert without rows is not called: bitsandbytes keeps an empty input on its autograd context (outside
+        the saved-tensor hooks), and that empty view would hold the whole grouped input alive until the backward
+        (with checkpointing too), so the memory a step keeps would depend on the routing.
         """
         groups = inputs.split(expert_size, dim=0)
-        return torch.cat([self.experts[e](group) for e, group in enumerate(groups)], dim=0)
+        outputs = [
+            self.experts[e](group) if group.shape[0] else group.new_empty(0, self.output_size)
+            for e, group in enumerate(groups)
+        ]
+        return torch.cat(outputs, dim=0)
 
 
 def quantize_experts(

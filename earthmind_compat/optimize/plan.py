@@ -18,9 +18,10 @@
   bitsandbytes dequantizes, expert intermediates) and its backward's peak above what it kept (``workspace``:
   output and input gradients, attention's transient gradients, a weight-sized gradient before
   accumulation, with checkpointing the recomputed forward) are each ``a + b * batch``. The estimate is the
-  largest of three moments: a block's forward with the blocks below it holding what they keep; the start
-  of the backward (every block's kept bytes, the features' gradients, the largest workspace); the stem's
-  backward.
+  largest of three moments: a block's forward with the blocks below it holding what they keep; a block's
+  backward (its workspace, the features' gradients, what the blocks below it keep, and of the blocks above it,
+  whose backward has run, their outputs returned as features and what their autograd context still holds:
+  ``retained``, e.g. bitsandbytes' inputs, released only with the graph); the stem's backward.
 - Per-device figures for DDP, FSDP and ZeRO-3: :mod:`earthmind_compat.optimize.sharding`.
 - ``device="cuda"`` adds what a CUDA device holds beyond the allocated tensors (context, cuBLAS workspaces,
   the caching allocator's reserve): :mod:`earthmind_compat.optimize.cuda_memory`.
@@ -320,11 +321,16 @@ class BlockGrowth:
             gradient, the transient gradients of attention and MLP (the attention's probabilities where the
             installed torch's kernel materialises them), a weight-sized gradient before it is accumulated, the
             weights bitsandbytes dequantizes for the backward.
+        forward: The forward's own peak above what existed before it.
+        retained: What the block still holds after its backward, its output aside, while the step's autograd
+            graph lives (until the whole backward ends): tensors bitsandbytes keeps on its autograd context
+            outside the saved-tensor hooks, which autograd does not release after the node ran.
     """
 
     kept: tuple[float, float]
     workspace: tuple[float, float]
     forward: tuple[float, float] = (0.0, 0.0)
+    retained: tuple[float, float] = (0.0, 0.0)
 
     def forward_bytes(self, batch: int) -> float:
         """The forward's peak at ``batch`` sequences (above what existed before it)."""
@@ -337,6 +343,10 @@ class BlockGrowth:
     def workspace_bytes(self, batch: int) -> float:
         """Backward workspace at ``batch`` sequences."""
         return max(0.0, self.workspace[0] + self.workspace[1] * batch)
+
+    def retained_bytes(self, batch: int) -> float:
+        """Bytes held past the block's backward (its output aside) at ``batch`` sequences."""
+        return max(0.0, self.retained[0] + self.retained[1] * batch)
 
 
 def _line(at_one: int, at_two: int) -> tuple[float, float]:
@@ -385,7 +395,7 @@ def block_growth(
     the innermost, :func:`_layout`): a block fed transposed tokens copies them where it reshapes them.
     """
     block = _prepare_block(block, techniques, lora_target_names, lora_r)
-    kept, workspace, peak = [], [], []
+    kept, workspace, peak, retained = [], [], [], []
     for batch in (1, 2):
         shape = (batch, tokens, hidden_size)
         inverse = sorted(range(3), key=layout.__getitem__)
@@ -397,11 +407,18 @@ def block_growth(
             out = checkpoint(block, hidden, use_reentrant=False) if techniques.checkpointing else block(hidden)
             outputs.append(out[0] if isinstance(out, tuple) else out)
 
-        def backward(direction: torch.Tensor = direction, outputs: list[torch.Tensor] = outputs) -> None:
-            (outputs.pop() * direction).sum().backward()
+        graph: list[torch.Tensor] = []
+
+        def backward(
+            direction: torch.Tensor = direction, outputs: list[torch.Tensor] = outputs, graph: list = graph
+        ) -> None:
+            loss = (outputs.pop() * direction).sum()
+            loss.backward()
+            graph.append(loss)  # the step's graph outlives each block's backward (the loss holds it)
 
         forward()  # warm-up: parameter gradients exist from here on
         backward()
+        graph.clear()
         for p in block.parameters():
             if p.grad is not None:
                 p.grad.zero_()
@@ -409,8 +426,12 @@ def block_growth(
         forward_peak, forward_kept = _profiled(forward)
         kept.append(forward_kept)
         peak.append(forward_peak)
-        workspace.append(_profiled(backward)[0])
-    return BlockGrowth(_line(*kept), _line(*workspace), _line(*peak))
+        backward_peak, backward_final = _profiled(backward)
+        workspace.append(backward_peak)
+        input_gradient = hidden.grad.untyped_storage().nbytes() if hidden.grad is not None else 0
+        retained.append(forward_kept + backward_final - input_gradient)
+        graph.clear()
+    return BlockGrowth(_line(*kept), _line(*workspace), _line(*peak), _line(*retained))
 
 
 def _layout(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -457,12 +478,15 @@ class Skeleton:
         backward: The skeleton's backward peak above what it kept (``a + b * batch``): the features' gradients and
             the stem's backward (e.g. a patch convolution's), which runs after every block has freed its memory.
         inputs: Per block that runs, its input's shape at batch 1 and its memory layout (:func:`_layout`).
+        features: Per block that runs, whether its output is returned as a feature (it then stays allocated
+            until the step ends, after the block's backward freed the rest of what the block kept).
     """
 
     kept: tuple[float, float]
     gradients: tuple[float, float]
     backward: tuple[float, float]
     inputs: tuple[tuple[torch.Size, tuple[int, ...]], ...]
+    features: tuple[bool, ...] = ()
 
     def at(self, batch: int) -> tuple[float, float, float]:
         """``(kept, gradients, backward)`` bytes at ``batch`` images."""
@@ -487,6 +511,7 @@ def trace_skeleton(backbone: nn.Module, image_size: int, in_chans: int) -> Skele
             module.record = record
     kept_at, gradients_at, backward_at = [], [], []
     inputs: tuple[tuple[torch.Size, tuple[int, ...]], ...] = ()
+    returned: tuple[bool, ...] = ()
     for batch in (1, 2):
         x = torch.randn(batch, in_chans, image_size, image_size)
         generator = torch.Generator().manual_seed(0)
@@ -522,7 +547,8 @@ def trace_skeleton(backbone: nn.Module, image_size: int, in_chans: int) -> Skele
         backward_at.append(_profiled(backward)[0])
         if batch == 1:
             inputs = tuple((shape, layout) for shape, layout, _ in record)
-    return Skeleton(_line(*kept_at), _line(*gradients_at), _line(*backward_at), inputs)
+            returned = tuple(pointer in alive for _, _, pointer in record)
+    return Skeleton(_line(*kept_at), _line(*gradients_at), _line(*backward_at), inputs, returned)
 
 
 @dataclass(frozen=True)
@@ -542,11 +568,20 @@ class ActivationTrace:
         kinds = [(growth, sequences * batch) for growth, sequences in self.blocks]
         kept, gradients, stem_backward = self.skeleton.at(batch)
         left = [g.kept_bytes(n) for g, n in kinds]  # with checkpointing: the output and what bitsandbytes holds
-        # the peak is in a block's forward (the blocks below it keep theirs), where the backward starts (every
-        # block's memory, the features' gradients, the largest block workspace: counted for any block, an upper
-        # bound) or in the stem's backward, after the blocks freed theirs
+        # what a block above keeps once its backward ran: what its autograd context holds past the backward, and
+        # its output if that is a feature (the caller holds it)
+        returned = self.skeleton.features or (True,) * len(kinds)
+        outputs = [math.prod(shape) * 4 * batch for shape, _ in self.skeleton.inputs]
+        after = [
+            g.retained_bytes(n) + (o if r else 0.0) for (g, n), o, r in zip(kinds, outputs, returned, strict=False)
+        ]
+        # the peak is in a block's forward (the blocks below it keep theirs), in a block's backward (the features'
+        # gradients, which arrive together when the backward starts, an upper bound; the blocks below it keep
+        # theirs, the blocks above it what they still hold) or in the stem's backward, after the blocks freed theirs
         forward_peak = max(sum(left[:i]) + g.forward_bytes(n) for i, (g, n) in enumerate(kinds))
-        backward_peak = gradients + sum(left) + max(g.workspace_bytes(n) for g, n in kinds)
+        backward_peak = gradients + max(
+            sum(left[: i + 1]) + sum(after[i + 1 :]) + g.workspace_bytes(n) for i, (g, n) in enumerate(kinds)
+        )
         return int(kept + max(forward_peak, backward_peak, stem_backward))
 
 
