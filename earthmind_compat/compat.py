@@ -190,11 +190,17 @@ def first_tensor(output: object) -> object:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+#: The TerraTorch release whose ``EncoderDecoderFactory`` first builds a task, for the tasks 1.0 lacks (read from the
+#: wheels: ``SCALAR_TASKS`` is ``["classification"]`` in 1.1 and 1.1.1, ``["classification", "scalar_regression"]``
+#: from 1.2.0).
+FACTORY_TASKS_SINCE = {"scalar_regression": "1.2"}
+
+
 def factory_tasks() -> tuple[str, ...]:
     """The tasks the installed TerraTorch's ``EncoderDecoderFactory`` builds.
 
-    TerraTorch 1.0 builds ``segmentation``, ``regression`` and ``classification``; ``scalar_regression``
-    arrived in 1.1.
+    TerraTorch 1.0 and 1.1 build ``segmentation``, ``regression`` and ``classification``;
+    ``scalar_regression`` arrived in 1.2 (:data:`FACTORY_TASKS_SINCE`).
     """
     from terratorch.models import encoder_decoder_factory
 

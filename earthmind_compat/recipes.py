@@ -32,7 +32,7 @@ from terratorch.registry import DECODER_REGISTRY, NECK_REGISTRY
 from torch import nn
 
 from earthmind_compat.builders import backbone_builder, build_backbone
-from earthmind_compat.compat import factory_takes_num_outputs, factory_tasks, installed_version
+from earthmind_compat.compat import FACTORY_TASKS_SINCE, factory_takes_num_outputs, factory_tasks, installed_version
 from earthmind_compat.errors import ConfigurationError, EarthMindCompatError, did_you_mean, unknown_name
 
 #: TerraTorch task names, and the decoder each uses when none is given.
@@ -393,7 +393,7 @@ def _check_task(task: str) -> str:
     if task not in factory_tasks():
         raise ConfigurationError(
             f"TerraTorch {installed_version('terratorch')} cannot build a {task} model (its EncoderDecoderFactory "
-            f"builds {', '.join(factory_tasks())}); {task} needs TerraTorch >= 1.1."
+            f"builds {', '.join(factory_tasks())}); {task} needs TerraTorch >= {FACTORY_TASKS_SINCE.get(task, '1.2')}."
         )
     return task
 

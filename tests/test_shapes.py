@@ -146,7 +146,7 @@ else:
 
 
 def skip_unless_the_factory_builds(task: str) -> None:
-    """TerraTorch 1.0 has no scalar_regression task; test_tasks_the_factory_lacks_are_refused covers it there."""
+    """TerraTorch before 1.2 has no scalar_regression task; test_tasks_the_factory_lacks_are_refused covers it there."""
     if task not in factory_tasks():
         pytest.skip(f"TerraTorch {installed_version('terratorch')} has no {task} task")
 
