@@ -28,7 +28,7 @@ import torch
 from earthmind_compat.builders import BACKBONE_BUILDERS
 from earthmind_compat.check import tiny_input
 from earthmind_compat.optimize import apply, lora_parameters
-from earthmind_compat.optimize.checkpointing import enable_checkpointing
+from earthmind_compat.optimize.checkpointing import checkpointed_blocks, enable_checkpointing
 from earthmind_compat.optimize.numerics import block_errors
 
 pytestmark = [
@@ -215,6 +215,39 @@ def test_checkpointed_outputs_and_gradients_equal_plain(name):
             assert grads[n].grad is None
             continue
         torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6, msg=n)
+        compared += 1
+    assert compared > 10
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONE_BUILDERS))
+def test_checkpointing_every_second_block(name):
+    """``activation_checkpointing={"every": 2}`` (the YAML option) checkpoints blocks 0 and 2 of the 4 and changes
+    nothing but memory: outputs and gradients equal the plain model's, autograd keeps less than without checkpointing
+    and more than with every block checkpointed (the blocks left out keep their activations)."""
+    x = tiny_input(name)
+    models = {}
+    for key, option in (("plain", False), ("every", {"every": 2}), ("all", True)):
+        torch.manual_seed(0)
+        models[key] = BACKBONE_BUILDERS[name](preset="tiny", in_chans=4, activation_checkpointing=option).train()
+    assert checkpointed_blocks(models["every"]) == [0, 2] and checkpointed_blocks(models["all"]) == [0, 1, 2, 3]
+    assert checkpointed_blocks(models["plain"]) == []
+    kept = {key: _saved_activation_bytes(model, x) for key, model in models.items()}
+    assert kept["all"] < kept["every"] < kept["plain"], kept
+    outputs = {}
+    for key in ("plain", "every"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outputs[key] = models[key](x)
+        _loss(outputs[key]).backward()
+    for a, b in zip(outputs["plain"], outputs["every"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    plain = dict(models["plain"].named_parameters())
+    compared = 0
+    for n, p in models["every"].named_parameters():
+        if p.grad is None:
+            assert plain[n].grad is None, n
+            continue
+        torch.testing.assert_close(p.grad, plain[n].grad, rtol=1e-4, atol=1e-6, msg=n)
         compared += 1
     assert compared > 10
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -126,6 +127,45 @@ def test_activation_estimate_within_10_percent_never_below(monkeypatch, record_p
     error = _error(name, technique, 2, size, preset)
     record_property("planner_error", f"{error:+.4f}")
     assert 0.0 <= error <= 0.10, f"{name} {technique} width {width} {size} px: {error:+.1%}"
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE_PROBES))
+def test_activation_estimate_checkpointing_every_second_block(monkeypatch, name, technique="ckpt"):
+    """``checkpoint_every=2``: half the blocks keep their activations; the estimate stays within [0, +10 %] of the
+    measured peak, and lies between checkpointing every block and none (the two blocks are traced apart)."""
+    (width,), (size,) = SMOKE_PROBES[name]
+    preset = _probe_preset(monkeypatch, name, width)
+    settings = backbone_class(name).spec.presets[preset]  # four blocks: two checkpointed, two not
+    settings.update(
+        num_hidden_layers=4, **({"layer_types": ["mamba", "attention"] * 2} if "layer_types" in settings else {})
+    )
+    torch.manual_seed(0)
+    model = BACKBONE_BUILDERS[name](preset=preset, in_chans=3)
+    apply(model, technique, checkpoint_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        measured = measure_activation_peak(model, torch.randn(2, 3, size, size))
+    del model
+    meta, techniques = build_on_meta(name, preset), parse_technique(technique)
+    every = estimate_activations(meta, techniques, 2, size, checkpoint_every=2)
+    assert 0.0 <= (every - measured) / measured <= 0.10, f"{name} {technique}: {every} vs measured {measured}"
+    every_block = estimate_activations(meta, techniques, 2, size)
+    without = estimate_activations(meta, dataclasses.replace(techniques, checkpointing=False), 2, size)
+    assert every_block < every < without, (every_block, every, without)
+
+
+def test_checkpoint_every_is_checked_before_anything_is_built():
+    with pytest.raises(
+        ConfigurationError,
+        match=r"checkpoint_every=2 .* technique 'lora' does not checkpoint; add 'ckpt' \('lora\+ckpt'\)",
+    ):
+        plan_memory("granite_4_tiny", "full", "lora", checkpoint_every=2)
+    with pytest.raises(ConfigurationError, match=r"'every' must be an integer >= 1 .* got 0 \(int\)"):
+        plan_memory("granite_4_tiny", "full", "ckpt", checkpoint_every=0)
+    model = BACKBONE_BUILDERS["internvl2_5_4b"](preset="tiny")
+    with pytest.raises(ConfigurationError, match=r"technique 'none' does not checkpoint; add 'ckpt' \('ckpt'\)"):
+        apply(model, "none", checkpoint_every=3)
+    assert not any(p.requires_grad is False for p in model.parameters())  # refused before anything was applied
 
 
 def test_plan_adds_up_and_decides_fit():

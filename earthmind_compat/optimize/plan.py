@@ -37,7 +37,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from earthmind_compat.backbones import backbone_class
 from earthmind_compat.errors import ConfigurationError, unknown_name
+from earthmind_compat.optimize.checkpointing import check_granularity, chosen_blocks
 from earthmind_compat.optimize.experts import expert_weights, quantize_experts
 from earthmind_compat.optimize.families import find_blocks, linear_paths, lora_targets, replace_blocks
 from earthmind_compat.optimize.quantize import BLOCKSIZE_4BIT, quantize_linears
@@ -482,26 +483,42 @@ def estimate_activations(
     lora_r: int = 8,
     lora_target_modules: tuple[str, ...] | None = None,
     in_chans: int = 3,
+    checkpoint_every: int = 1,
 ) -> int:
-    """Estimated peak activation bytes of one training step of ``backbone`` (fp32), see the module docstring."""
+    """Estimated peak activation bytes of one training step of ``backbone`` (fp32), see the module docstring.
+
+    With checkpointing, only the blocks :func:`~earthmind_compat.optimize.checkpointing.chosen_blocks` picks for
+    ``checkpoint_every`` are traced checkpointed; the others keep their activations.
+    """
     targets = tuple(lora_target_modules or lora_targets(backbone)) if techniques.lora else ()
     blocks = find_blocks(backbone)
+    chosen = set(chosen_blocks(len(blocks), checkpoint_every)) if techniques.checkpointing else set()
     skeleton = trace_skeleton(backbone, image_size, in_chans)
     growth: dict[tuple, BlockGrowth] = {}
-    kinds = []
-    for block, (shape, layout) in zip(blocks, skeleton.inputs, strict=False):  # blocks above the features do not run
+    kinds, treated = [], []
+    # blocks above the features do not run
+    for index, (block, (shape, layout)) in enumerate(zip(blocks, skeleton.inputs, strict=False)):
         sequences, tokens, hidden = shape
-        key = (_block_kind(block), layout, tuple(shape))
+        checkpointed = index in chosen
+        key = (_block_kind(block), layout, tuple(shape), checkpointed)
         if key not in growth:
-            growth[key] = block_growth(block, hidden, techniques, tokens, targets, lora_r, layout)
+            as_applied = replace(techniques, checkpointing=checkpointed)
+            growth[key] = block_growth(block, hidden, as_applied, tokens, targets, lora_r, layout)
         kinds.append((growth[key], sequences * batch_size))
+        treated.append(checkpointed)
     kept, gradients, stem_backward = skeleton.at(batch_size)
     left = [g.kept_bytes(n) for g, n in kinds]  # with checkpointing: the output and what bitsandbytes holds
-    # the peak is in a block's forward (the blocks below it keep theirs), where the backward starts (every block's
-    # memory, the features' gradients, the largest block workspace: counted for any block, an upper bound) or in
-    # the stem's backward, after the blocks freed theirs
+    # the peak is in a block's forward (the blocks below it keep theirs), in a block's backward (the features'
+    # gradients, what the blocks up to it keep, the largest workspace of the blocks up to it that are checkpointed
+    # as it is: counted for any of them, an upper bound across block kinds; with every block treated alike this is
+    # where the backward starts) or in the stem's backward, after the blocks freed theirs. The backward frees a
+    # block's memory once past it, so a checkpointed block's recompute does not meet what the blocks above it kept.
     forward_peak = max(sum(left[:i]) + g.forward_bytes(n) for i, (g, n) in enumerate(kinds))
-    backward_peak = gradients + sum(left) + max(g.workspace_bytes(n) for g, n in kinds)
+    backward_peak = gradients + max(
+        sum(left[: i + 1])
+        + max(g.workspace_bytes(n) for j, (g, n) in enumerate(kinds[: i + 1]) if treated[j] == treated[i])
+        for i in range(len(kinds))
+    )
     return int(kept + max(forward_peak, backward_peak, stem_backward))
 
 
@@ -517,6 +534,7 @@ def plan_memory(
     lora_r: int = 8,
     strategy: str = "single",
     devices: int = 1,
+    checkpoint_every: int = 1,
     **backbone_kwargs: object,
 ) -> MemoryPlan:
     """Plan the training memory of a backbone configuration.
@@ -534,6 +552,8 @@ def plan_memory(
         strategy: ``single``, ``ddp``, ``fsdp`` or ``deepspeed_stage_3`` (per-device figures, see
             :mod:`earthmind_compat.optimize.sharding`).
         devices: Devices taking part (``batch_size`` is per device, as in Lightning).
+        checkpoint_every: With ``ckpt``, every n-th block is checkpointed (1: every block), as
+            :func:`~earthmind_compat.optimize.apply` does with the same argument.
         **backbone_kwargs: More constructor arguments of the backbone (e.g. ``language_layers=4``).
 
     Returns:
@@ -541,13 +561,15 @@ def plan_memory(
 
     Raises:
         UnknownNameError: for an unknown backbone, preset, technique or optimizer.
-        ConfigurationError: for non-positive sizes, or a strategy that does not go with the devices or technique.
+        ConfigurationError: for non-positive sizes, a strategy that does not go with the devices or technique, or a
+            ``checkpoint_every`` that is not an integer >= 1 or comes without ``ckpt``.
     """
     techniques = parse_technique(technique)
     if optimizer not in OPTIMIZER_STATE_BYTES:
         raise unknown_name("optimizer", optimizer, OPTIMIZER_STATE_BYTES)
     if batch_size < 1 or image_size < 1:
         raise ConfigurationError(f"batch size and image size must be positive, got {batch_size} and {image_size}.")
+    check_granularity(checkpoint_every, techniques)
     device_memory = parse_size(gpu_memory)
     model = build_on_meta(backbone, preset, in_chans, **backbone_kwargs)
     counts = count_weights(model, techniques, lora_r)
@@ -561,7 +583,9 @@ def plan_memory(
         counts["trainable"],
         OPTIMIZER_STATE_BYTES[optimizer],
     )
-    activations = estimate_activations(model, techniques, batch_size, image_size, lora_r=lora_r, in_chans=in_chans)
+    activations = estimate_activations(
+        model, techniques, batch_size, image_size, lora_r=lora_r, in_chans=in_chans, checkpoint_every=checkpoint_every
+    )
     total = states.weights + states.gradients + states.optimizer + activations + states.workspace
     return MemoryPlan(
         backbone,
