@@ -252,6 +252,35 @@ def test_checkpointing_every_second_block(name):
     assert compared > 10
 
 
+def test_checkpointing_every_third_block_of_plain_torch_blocks():
+    """Blocks that are no transformers checkpointing layers get their forward wrapped: only blocks 0 and 3 of 5."""
+
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(
+                torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)) for _ in range(5)
+            )
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            for block in self.blocks:
+                x = x + block(x)
+            return [x]
+
+    torch.manual_seed(0)
+    plain = Stack().train()
+    stepped = copy.deepcopy(plain)
+    assert enable_checkpointing(stepped, every=3) == "torch.utils.checkpoint"
+    assert checkpointed_blocks(stepped) == [0, 3]
+    x = torch.randn(8, 16)
+    kept = {model: _saved_activation_bytes(model, x) for model in (plain, stepped)}
+    assert kept[stepped] < kept[plain]
+    for model in (plain, stepped):
+        _loss(model(x)).backward()
+    for (n, a), (_, b) in zip(plain.named_parameters(), stepped.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
 @pytest.mark.parametrize("name", sorted(BACKBONE_BUILDERS))
 def test_one_qlora_training_step_on_cpu(name):
     torch.manual_seed(0)
