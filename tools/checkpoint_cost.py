@@ -9,7 +9,12 @@ their weights (same tensors), so two models cost one model's memory.
 
 Time: one training step is forward, a mean-square loss over every feature, backward, gradients cleared
 (:func:`earthmind_compat.bench.measure.make_step`). The variants are interleaved (A B A B ...) in one process
-and the median of ``--rounds`` steps is taken, so a busy machine slows both alike; the ratio is the figure.
+and the median of ``--rounds`` steps is taken, so a busy machine slows both alike; the ratio is the figure. Both
+the wall time and the process's CPU time (user + system, ``time.process_time``) are recorded: on a shared machine
+the CPU time is the steadier of the two (another job's load does not enter it); the system part is real work
+(the kernel zeroing freshly mapped pages for large activations). ``+fwd`` is the extra CPU time of a variant over
+the plain step in units of the plain model's forward (no graph, timed interleaved too): recomputing every block
+once costs at most about 1.0.
 Memory: the planner's measured activation peak (:func:`earthmind_compat.optimize.plan.measure_activation_peak`,
 allocator events during one forward + backward, gradient buffers allocated beforehand) and the bytes autograd
 saves (:func:`earthmind_compat.bench.measure.saved_activation_bytes`).
@@ -113,6 +118,7 @@ def measure_group(name: str, group: list[tuple[str, int]], layers: int, batch: i
     import torch
 
     from earthmind_compat.bench.measure import make_step, saved_activation_bytes
+    from earthmind_compat.optimize.checkpointing import checkpointed_blocks
     from earthmind_compat.optimize.plan import measure_activation_peak
 
     with few_block_preset(name, layers) as preset:
@@ -122,15 +128,23 @@ def measure_group(name: str, group: list[tuple[str, int]], layers: int, batch: i
     side = SIDES[name]
     x = torch.randn(batch, models[0].in_chans, side, side, generator=torch.Generator().manual_seed(0))
     steps = [make_step(model, "train", x) for model in models]
-    times: list[list[float]] = [[] for _ in models]
+
+    def forward() -> None:  # what a recompute of every block costs at most: the plain model's forward, no graph
+        with torch.no_grad():
+            models[0](x)
+
+    steps.append(forward)
+    times: list[list[float]] = [[] for _ in steps]
+    cpu: list[list[float]] = [[] for _ in steps]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for step in steps:  # warm-up
             step()
         for _ in range(rounds):
             for k, step in enumerate(steps):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 step()
+                cpu[k].append(time.process_time() - start_cpu)
                 times[k].append(time.perf_counter() - start)
         peaks = []
         for model in models:
@@ -138,19 +152,26 @@ def measure_group(name: str, group: list[tuple[str, int]], layers: int, batch: i
             for p in model.parameters():
                 p.grad = None
         saved = [saved_activation_bytes(model, x) for model in models]
-    medians = [statistics.median(t) for t in times]
+    *medians, forward_median = (statistics.median(t) for t in times)
+    *cpu_medians, forward_cpu = (statistics.median(t) for t in cpu)
     return {
         "backbone": name,
         "variants": [label(*v) for v in group],
-        "checkpointed_blocks": [getattr(m.optimized, "checkpoint_every", 0) for m in models],
+        "checkpointed_blocks": [checkpointed_blocks(model) for model in models],
         "blocks": layers,
         "batch": batch,
         "image_size": side,
         "step_seconds": medians,
         "step_seconds_all": times,
+        "step_cpu_seconds": cpu_medians,
+        "step_cpu_seconds_all": cpu,
         "activation_peak_bytes": peaks,
         "saved_bytes": saved,
+        "forward_seconds": forward_median,
+        "forward_cpu_seconds": forward_cpu,
+        "extra_cpu_per_forward": [(m - cpu_medians[0]) / forward_cpu for m in cpu_medians],
         "time_ratio": [m / medians[0] for m in medians],
+        "cpu_time_ratio": [m / cpu_medians[0] for m in cpu_medians],
         "peak_ratio": [p / peaks[0] for p in peaks],
         "saved_ratio": [b / saved[0] for b in saved],
     }
@@ -190,8 +211,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     torch.set_num_threads(1)
     results = []
-    header = ("backbone", "variant", "step s", "time x", "peak MiB", "peak x", "saved x")
-    print("{:16s} {:14s} {:>7s} {:>7s} {:>9s} {:>7s} {:>7s}".format(*header))
+    header = ("backbone", "variant", "wall s", "wall x", "cpu s", "cpu x", "+fwd", "peak MiB", "peak x", "saved x")
+    print("{:16s} {:14s} {:>7s} {:>7s} {:>7s} {:>7s} {:>6s} {:>9s} {:>7s} {:>7s}".format(*header))
     for name in args.backbones:
         for group in args.groups:
             result = measure_group(name, variants(group, args.every), args.blocks, args.batch, args.rounds)
@@ -199,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             for k, variant in enumerate(result["variants"]):
                 print(
                     f"{name:16s} {variant:14s} {result['step_seconds'][k]:7.2f} {result['time_ratio'][k]:6.2f}x "
+                    f"{result['step_cpu_seconds'][k]:7.2f} {result['cpu_time_ratio'][k]:6.2f}x "
+                    f"{result['extra_cpu_per_forward'][k]:6.2f} "
                     f"{result['activation_peak_bytes'][k] / 2**20:9.0f} {result['peak_ratio'][k]:6.2f}x "
                     f"{result['saved_ratio'][k]:6.2f}x",
                     flush=True,
