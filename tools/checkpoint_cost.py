@@ -12,9 +12,10 @@ Time: one training step is forward, a mean-square loss over every feature, backw
 and the median of ``--rounds`` steps is taken, so a busy machine slows both alike; the ratio is the figure. Both
 the wall time and the process's CPU time (user + system, ``time.process_time``) are recorded: on a shared machine
 the CPU time is the steadier of the two (another job's load does not enter it); the system part is real work
-(the kernel zeroing freshly mapped pages for large activations). ``+fwd`` is the extra CPU time of a variant over
-the plain step in units of the plain model's forward (no graph, timed interleaved too): recomputing every block
-once costs at most about 1.0.
+(the kernel zeroing freshly mapped pages for large activations, which varies from step to step with the
+allocator's state). ``min x`` is the ratio of the fastest steps, the least disturbed by either. ``+fwd`` is the
+extra CPU time of a variant over the plain step in units of the plain model's forward (no graph, timed interleaved
+too): recomputing every block once costs at most about 1.0.
 Memory: the planner's measured activation peak (:func:`earthmind_compat.optimize.plan.measure_activation_peak`,
 allocator events during one forward + backward, gradient buffers allocated beforehand) and the bytes autograd
 saves (:func:`earthmind_compat.bench.measure.saved_activation_bytes`).
@@ -172,6 +173,7 @@ def measure_group(name: str, group: list[tuple[str, int]], layers: int, batch: i
         "extra_cpu_per_forward": [(m - cpu_medians[0]) / forward_cpu for m in cpu_medians],
         "time_ratio": [m / medians[0] for m in medians],
         "cpu_time_ratio": [m / cpu_medians[0] for m in cpu_medians],
+        "cpu_time_ratio_min": [min(c) / min(cpu[0]) for c in cpu[: len(models)]],
         "peak_ratio": [p / peaks[0] for p in peaks],
         "saved_ratio": [b / saved[0] for b in saved],
     }
@@ -211,8 +213,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     torch.set_num_threads(1)
     results = []
-    header = ("backbone", "variant", "wall s", "wall x", "cpu s", "cpu x", "+fwd", "peak MiB", "peak x", "saved x")
-    print("{:16s} {:14s} {:>7s} {:>7s} {:>7s} {:>7s} {:>6s} {:>9s} {:>7s} {:>7s}".format(*header))
+    header = (
+        "backbone",
+        "variant",
+        "wall s",
+        "wall x",
+        "cpu s",
+        "cpu x",
+        "min x",
+        "+fwd",
+        "peak MiB",
+        "peak x",
+        "saved x",
+    )
+    print("{:16s} {:14s} {:>7s} {:>7s} {:>7s} {:>7s} {:>7s} {:>6s} {:>9s} {:>7s} {:>7s}".format(*header))
     for name in args.backbones:
         for group in args.groups:
             result = measure_group(name, variants(group, args.every), args.blocks, args.batch, args.rounds)
@@ -221,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 print(
                     f"{name:16s} {variant:14s} {result['step_seconds'][k]:7.2f} {result['time_ratio'][k]:6.2f}x "
                     f"{result['step_cpu_seconds'][k]:7.2f} {result['cpu_time_ratio'][k]:6.2f}x "
+                    f"{result['cpu_time_ratio_min'][k]:6.2f}x "
                     f"{result['extra_cpu_per_forward'][k]:6.2f} "
                     f"{result['activation_peak_bytes'][k] / 2**20:9.0f} {result['peak_ratio'][k]:6.2f}x "
                     f"{result['saved_ratio'][k]:6.2f}x",
