@@ -241,6 +241,17 @@ def test_cli_plan(capsys):
     assert main(["plan", "--backbone", "internvl2_5_4b", "--preset", "tiny", "--technique", "nf4+lora"]) == 0
 
 
+def test_cli_plan_checkpoint_every(capsys):
+    plan = ["plan", "--backbone", "internvl2_5_4b", "--preset", "tiny", "--image-size", "112", "--json"]
+    activations = {}
+    for every in ("1", "2"):
+        assert main([*plan, "--technique", "ckpt", "--checkpoint-every", every]) == 0
+        activations[every] = json.loads(capsys.readouterr().out)["activations"]
+    assert activations["2"] > activations["1"]  # blocks 1 and 3 keep their activations
+    assert main([*plan, "--technique", "lora", "--checkpoint-every", "2"]) == 2
+    assert "add 'ckpt' ('lora+ckpt')" in capsys.readouterr().err
+
+
 def test_cli_plan_prints_no_profiler_log(capfd):
     """The profiler's native layer logs to file descriptor 2 (start/stop, a failed GPU probe); a plan shows none."""
     assert main(["plan", "--backbone", "internvl2_5_4b", "--preset", "tiny", "--image-size", "56"]) == 0
