@@ -22,7 +22,7 @@ saves (:func:`earthmind_compat.bench.measure.saved_activation_bytes`).
 
 Torch runs on one thread (``torch.set_num_threads(1)``; set ``OMP_NUM_THREADS=1`` too) for stable numbers::
 
-    OMP_NUM_THREADS=1 python -m tools.checkpoint_cost --json /tmp/checkpoint_cost.json
+    OMP_NUM_THREADS=1 python -m tools.checkpoint_cost --groups none lora --every 2 --json /tmp/checkpoint_cost.json
 
 Repository tooling, not shipped in the wheel.
 """
