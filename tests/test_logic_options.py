@@ -51,6 +51,9 @@ apply_module = importlib.import_module("earthmind_compat.optimize.apply")
         ({"lora": {"alpha": 32}}, "lora", {"lora_alpha": 32}),
         ({"lora": False, "activation_checkpointing": True}, "ckpt", {}),
         ({"activation_checkpointing": False}, "none", {}),
+        ({"activation_checkpointing": {}}, "ckpt", {}),
+        ({"activation_checkpointing": {"every": 1}}, "ckpt", {"checkpoint_every": 1}),
+        ({"lora": True, "activation_checkpointing": {"every": 3}}, "lora+ckpt", {"checkpoint_every": 3}),
         (
             {"quantization": {"type": "nf4", "double_quant": True}, "lora": {"r": 2}, "activation_checkpointing": True},
             "nf4+dq+lora+ckpt",
@@ -79,14 +82,37 @@ def test_resolve_options(options: dict, technique: str, kwargs: dict) -> None:
         ({"quantization": True}, "backbone quantization must be a name such as 'nf4' or a mapping, got True."),
         ({"lora": "yes"}, "backbone lora must be true/false or a mapping of LoRA settings, got 'yes'."),
         ({"lora": 2}, "backbone lora must be true/false or a mapping of LoRA settings, got 2."),
-        ({"activation_checkpointing": "true"}, "backbone activation_checkpointing must be true or false, got 'true'."),
-        ({"activation_checkpointing": 2}, "backbone activation_checkpointing must be true or false, got 2."),
+        (
+            {"activation_checkpointing": "true"},
+            "backbone activation_checkpointing must be true, false or a mapping such as {every: 2}, got 'true'.",
+        ),
+        (
+            {"activation_checkpointing": 2},
+            "backbone activation_checkpointing must be true, false or a mapping such as {every: 2}, got 2.",
+        ),
     ],
 )
 def test_resolve_options_refuses_malformed_options(options: dict, message: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         resolve_options(options)
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("every", [0, -2, True, 2.0, "2", None])
+def test_checkpointing_granularity_must_be_an_integer_from_1(every: object) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        resolve_options({"activation_checkpointing": {"every": every}})
+    assert str(info.value) == (
+        "activation checkpointing 'every' must be an integer >= 1 (1 checkpoints every block, 2 every second block, "
+        f"...), got {every!r} ({type(every).__name__})."
+    )
+
+
+def test_unknown_checkpointing_key_is_named() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        resolve_options({"activation_checkpointing": {"evry": 2}})
+    assert str(info.value).startswith("Unknown key 'evry' in backbone activation_checkpointing. Did you mean 'every'?")
+    assert str(info.value).endswith(" Valid keys: every.")
 
 
 @pytest.mark.parametrize(

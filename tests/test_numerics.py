@@ -28,7 +28,7 @@ import torch
 from earthmind_compat.builders import BACKBONE_BUILDERS
 from earthmind_compat.check import tiny_input
 from earthmind_compat.optimize import apply, lora_parameters
-from earthmind_compat.optimize.checkpointing import enable_checkpointing
+from earthmind_compat.optimize.checkpointing import checkpointed_blocks, enable_checkpointing
 from earthmind_compat.optimize.numerics import block_errors
 
 pytestmark = [
@@ -217,6 +217,68 @@ def test_checkpointed_outputs_and_gradients_equal_plain(name):
         torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6, msg=n)
         compared += 1
     assert compared > 10
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONE_BUILDERS))
+def test_checkpointing_every_second_block(name):
+    """``activation_checkpointing={"every": 2}`` (the YAML option) checkpoints blocks 0 and 2 of the 4 and changes
+    nothing but memory: outputs and gradients equal the plain model's, autograd keeps less than without checkpointing
+    and more than with every block checkpointed (the blocks left out keep their activations)."""
+    x = tiny_input(name)
+    models = {}
+    for key, option in (("plain", False), ("every", {"every": 2}), ("all", True)):
+        torch.manual_seed(0)
+        models[key] = BACKBONE_BUILDERS[name](preset="tiny", in_chans=4, activation_checkpointing=option).train()
+    assert checkpointed_blocks(models["every"]) == [0, 2] and checkpointed_blocks(models["all"]) == [0, 1, 2, 3]
+    assert checkpointed_blocks(models["plain"]) == []
+    kept = {key: _saved_activation_bytes(model, x) for key, model in models.items()}
+    assert kept["all"] < kept["every"] < kept["plain"], kept
+    outputs = {}
+    for key in ("plain", "every"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outputs[key] = models[key](x)
+        _loss(outputs[key]).backward()
+    for a, b in zip(outputs["plain"], outputs["every"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    plain = dict(models["plain"].named_parameters())
+    compared = 0
+    for n, p in models["every"].named_parameters():
+        if p.grad is None:
+            assert plain[n].grad is None, n
+            continue
+        torch.testing.assert_close(p.grad, plain[n].grad, rtol=1e-4, atol=1e-6, msg=n)
+        compared += 1
+    assert compared > 10
+
+
+def test_checkpointing_every_third_block_of_plain_torch_blocks():
+    """Blocks that are no transformers checkpointing layers get their forward wrapped: only blocks 0 and 3 of 5."""
+
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(
+                torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)) for _ in range(5)
+            )
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            for block in self.blocks:
+                x = x + block(x)
+            return [x]
+
+    torch.manual_seed(0)
+    plain = Stack().train()
+    stepped = copy.deepcopy(plain)
+    assert enable_checkpointing(stepped, every=3) == "torch.utils.checkpoint"
+    assert checkpointed_blocks(stepped) == [0, 3]
+    x = torch.randn(8, 16)
+    kept = {model: _saved_activation_bytes(model, x) for model in (plain, stepped)}
+    assert kept[stepped] < kept[plain]
+    for model in (plain, stepped):
+        _loss(model(x)).backward()
+    for (n, a), (_, b) in zip(plain.named_parameters(), stepped.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONE_BUILDERS))

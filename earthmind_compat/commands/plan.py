@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-chans", type=int, default=3, help="input bands (default: 3)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
     parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        help="with ckpt: checkpoint every n-th block only (default 1: every block)",
+    )
+    parser.add_argument(
         "--language-layers", type=int, default=0, help="internvl2_5_4b / earthmind_v1: language layers run (default 0)"
     )
     parser.add_argument(
@@ -80,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         in_chans=args.in_chans,
         lora_r=args.lora_r,
+        checkpoint_every=args.checkpoint_every,
         strategy=args.strategy,
         devices=args.devices,
         device=args.device,

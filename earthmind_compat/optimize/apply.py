@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from earthmind_compat.optimize.checkpointing import enable_checkpointing
+from earthmind_compat.optimize.checkpointing import check_granularity, enable_checkpointing
 from earthmind_compat.optimize.experts import quantize_experts
 from earthmind_compat.optimize.families import lora_targets
 from earthmind_compat.optimize.lora import LORA_DEFAULTS, add_lora
@@ -26,6 +26,7 @@ class Applied:
         quantized_experts: Paths of MoE expert stacks split into quantized per-expert layers.
         lora_targets: LoRA target module names (empty without LoRA).
         checkpointing: How checkpointing was switched on (empty without it).
+        checkpoint_every: Checkpointing granularity: every n-th block is checkpointed (1: all; 0 without it).
         trainable_parameters: Parameters that still receive gradients.
     """
 
@@ -34,6 +35,7 @@ class Applied:
     quantized_experts: list[str] = field(default_factory=list)
     lora_targets: list[str] = field(default_factory=list)
     checkpointing: str = ""
+    checkpoint_every: int = 0
     trainable_parameters: int = 0
 
 
@@ -47,6 +49,7 @@ def apply(
     lora_target_modules: Sequence[str] | None = None,
     compute_dtype: torch.dtype | None = None,
     quantize_moe_experts: bool = True,
+    checkpoint_every: int = 1,
 ) -> Applied:
     """Apply quantization, LoRA/QLoRA and activation checkpointing to ``backbone`` in place.
 
@@ -63,15 +66,19 @@ def apply(
         lora_target_modules: Override the backbone's LoRA targets (``spec.lora_targets``).
         compute_dtype: dtype of 4-bit matmuls (default: the input's).
         quantize_moe_experts: Also quantize MoE expert stacks (Granite); False leaves them in full precision.
+        checkpoint_every: With ``ckpt``, checkpoint every n-th block only (1, the default: every block); the others
+            keep their activations (less recompute, more memory).
 
     Returns:
         An :class:`Applied` summary.
 
     Raises:
         UnknownNameError: for an unknown technique name.
-        ConfigurationError: for contradicting techniques or a backbone they cannot apply to.
+        ConfigurationError: for contradicting techniques, a backbone they cannot apply to, or ``checkpoint_every``
+            that is not an integer >= 1 or is given without ``ckpt``.
     """
     techniques = parse_technique(technique)
+    check_granularity(checkpoint_every, techniques)
     done = Applied(techniques.name)
     if techniques.quantization:
         done.quantized_layers = quantize_linears(
@@ -85,7 +92,8 @@ def apply(
         add_lora(backbone, lora_r, lora_alpha, lora_dropout, lora_target_modules, kbit_prep=techniques.kbit_prep)
         done.lora_targets = list(lora_target_modules or lora_targets(backbone))
     if techniques.checkpointing:
-        done.checkpointing = enable_checkpointing(backbone)
+        done.checkpointing = enable_checkpointing(backbone, checkpoint_every)
+        done.checkpoint_every = checkpoint_every
     done.trainable_parameters = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
     backbone.optimized = done
     return done

@@ -7,7 +7,8 @@ class without them and applies them once it is built:
 - ``quantization``: ``"int8"``, ``"nf4"``, ``"fp4"``, ``"nf4+dq"``, or a mapping
   ``{type: nf4, double_quant: true, experts: true}``.
 - ``lora``: ``true`` or a mapping ``{r: 8, alpha: 16, dropout: 0.0, target_modules: [...]}``.
-- ``activation_checkpointing``: ``true`` / ``false``.
+- ``activation_checkpointing``: ``true`` / ``false``, or a mapping ``{every: 2}`` (checkpoint every second block:
+  less recompute, more memory; ``every: 1`` is ``true``).
 - ``technique``: a whole technique string instead of the three above, e.g. ``"qlora+ckpt"``.
 """
 
@@ -20,6 +21,7 @@ from torch import nn
 from earthmind_compat.arguments import check_booleans
 from earthmind_compat.errors import ConfigurationError, did_you_mean
 from earthmind_compat.optimize.apply import apply
+from earthmind_compat.optimize.checkpointing import check_every
 from earthmind_compat.optimize.techniques import parse_technique
 
 #: Constructor keywords handled here.
@@ -27,6 +29,7 @@ OPTION_KEYS = ("technique", "quantization", "lora", "activation_checkpointing")
 
 _QUANT_KEYS = ("type", "double_quant", "experts")
 _LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
+_CHECKPOINTING_KEYS = ("every",)
 
 
 def _check_keys(what: str, given: Mapping, allowed: tuple[str, ...]) -> None:
@@ -81,9 +84,17 @@ def resolve_options(options: Mapping[str, object]) -> tuple[str, dict]:
     elif lora not in (None, False):
         raise ConfigurationError(f"backbone lora must be true/false or a mapping of LoRA settings, got {lora!r}.")
     checkpointing = options.get("activation_checkpointing")
-    if checkpointing not in (None, False, True):
-        raise ConfigurationError(f"backbone activation_checkpointing must be true or false, got {checkpointing!r}.")
-    if checkpointing:
+    if isinstance(checkpointing, Mapping):
+        _check_keys("activation_checkpointing", checkpointing, _CHECKPOINTING_KEYS)
+        parts.append("ckpt")
+        if "every" in checkpointing:
+            kwargs["checkpoint_every"] = check_every(checkpointing["every"])
+    elif checkpointing not in (None, False, True):
+        raise ConfigurationError(
+            f"backbone activation_checkpointing must be true, false or a mapping such as {{every: 2}}, "
+            f"got {checkpointing!r}."
+        )
+    elif checkpointing:
         parts.append("ckpt")
     return parse_technique("+".join(parts)).name, kwargs
 

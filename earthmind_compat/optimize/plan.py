@@ -42,7 +42,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -51,6 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 from earthmind_compat.backbones import backbone_class
 from earthmind_compat.errors import ConfigurationError, unknown_name
+from earthmind_compat.optimize.checkpointing import check_granularity, chosen_blocks
 from earthmind_compat.optimize.cuda_memory import CudaTerms, check_device, cuda_terms
 from earthmind_compat.optimize.experts import expert_weights, quantize_experts
 from earthmind_compat.optimize.families import find_blocks, linear_paths, lora_targets, replace_blocks
@@ -592,18 +593,27 @@ def trace_activations(
     lora_r: int = 8,
     lora_target_modules: tuple[str, ...] | None = None,
     in_chans: int = 3,
+    checkpoint_every: int = 1,
 ) -> ActivationTrace:
-    """Trace the activation memory of ``backbone`` under ``techniques`` once, for any batch size."""
+    """Trace the activation memory of ``backbone`` under ``techniques`` once, for any batch size.
+
+    With checkpointing, the blocks :func:`~earthmind_compat.optimize.checkpointing.chosen_blocks` picks for
+    ``checkpoint_every`` are traced checkpointed, the others as they run without it.
+    """
     targets = tuple(lora_target_modules or lora_targets(backbone)) if techniques.lora else ()
     blocks = find_blocks(backbone)
+    chosen = set(chosen_blocks(len(blocks), checkpoint_every)) if techniques.checkpointing else set()
     skeleton = trace_skeleton(backbone, image_size, in_chans)
     growth: dict[tuple, BlockGrowth] = {}
     kinds = []
-    for block, (shape, layout) in zip(blocks, skeleton.inputs, strict=False):  # blocks above the features do not run
+    # blocks above the features do not run
+    for index, (block, (shape, layout)) in enumerate(zip(blocks, skeleton.inputs, strict=False)):
         sequences, tokens, hidden = shape
-        key = (_block_kind(block), layout, tuple(shape))
+        checkpointed = index in chosen
+        key = (_block_kind(block), layout, tuple(shape), checkpointed)
         if key not in growth:
-            growth[key] = block_growth(block, hidden, techniques, tokens, targets, lora_r, layout)
+            as_applied = replace(techniques, checkpointing=checkpointed)
+            growth[key] = block_growth(block, hidden, as_applied, tokens, targets, lora_r, layout)
         kinds.append((growth[key], sequences))
     return ActivationTrace(skeleton, tuple(kinds))
 
@@ -616,9 +626,16 @@ def estimate_activations(
     lora_r: int = 8,
     lora_target_modules: tuple[str, ...] | None = None,
     in_chans: int = 3,
+    checkpoint_every: int = 1,
 ) -> int:
-    """Estimated peak activation bytes of one training step of ``backbone`` (fp32), see the module docstring."""
-    trace = trace_activations(backbone, techniques, image_size, lora_r, lora_target_modules, in_chans)
+    """Estimated peak activation bytes of one training step of ``backbone`` (fp32), see the module docstring.
+
+    With checkpointing, only the blocks :func:`~earthmind_compat.optimize.checkpointing.chosen_blocks` picks for
+    ``checkpoint_every`` are traced checkpointed; the others keep their activations.
+    """
+    trace = trace_activations(
+        backbone, techniques, image_size, lora_r, lora_target_modules, in_chans, checkpoint_every=checkpoint_every
+    )
     return trace.at(batch_size)
 
 
@@ -680,6 +697,7 @@ def plan_memory(
     devices: int = 1,
     device: str = "cpu",
     lora_target_modules: tuple[str, ...] | list[str] | None = None,
+    checkpoint_every: int = 1,
     **backbone_kwargs: object,
 ) -> MemoryPlan:
     """Plan the training memory of a backbone configuration.
@@ -700,6 +718,8 @@ def plan_memory(
         device: ``cpu`` (the traced bytes) or ``cuda`` (plus the CUDA context, cuBLAS workspaces and the caching
             allocator's reserve, :mod:`earthmind_compat.optimize.cuda_memory`).
         lora_target_modules: Module names LoRA adapts (default: the backbone's own), as given to ``optimize``.
+        checkpoint_every: With ``ckpt``, every n-th block is checkpointed (1: every block), as
+            :func:`~earthmind_compat.optimize.apply` does with the same argument.
         **backbone_kwargs: More constructor arguments of the backbone (e.g. ``language_layers=4``).
 
     Returns:
@@ -708,7 +728,8 @@ def plan_memory(
     Raises:
         UnknownNameError: for an unknown backbone, preset, technique or optimizer.
         ConfigurationError: for non-positive sizes or rank, an unknown device, LoRA targets the backbone does not
-            have, or a strategy that does not go with the devices or technique.
+            have, a strategy that does not go with the devices or technique, or a ``checkpoint_every`` that is not
+            an integer >= 1 or comes without ``ckpt``.
     """
     return _plan(
         backbone,
@@ -724,6 +745,7 @@ def plan_memory(
         devices,
         device,
         lora_target_modules,
+        checkpoint_every,
         **backbone_kwargs,
     )[0]
 
@@ -770,6 +792,7 @@ def _plan(
     devices: int = 1,
     device: str = "cpu",
     lora_target_modules: tuple[str, ...] | list[str] | None = None,
+    checkpoint_every: int = 1,
     **backbone_kwargs: object,
 ) -> tuple[MemoryPlan, ActivationTrace, int]:
     """:func:`plan_memory`, with the activation trace and the bytes that do not grow with the batch."""
@@ -780,6 +803,7 @@ def _plan(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigurationError(f"{label} must be a positive integer, got {value!r}.")
     check_device(device)
+    check_granularity(checkpoint_every, techniques)
     device_memory = parse_size(gpu_memory)
     model = build_on_meta(backbone, preset, in_chans, **backbone_kwargs)
     targets = _check_lora_targets(model, lora_target_modules) if techniques.lora else None
@@ -797,7 +821,9 @@ def _plan(
     optimizer_bytes = states.optimizer + OPTIMIZER_STEP_BYTES[optimizer] * count_trainable_tensors(
         model, techniques, targets
     )
-    trace = trace_activations(model, techniques, image_size, lora_r, targets, in_chans)
+    trace = trace_activations(
+        model, techniques, image_size, lora_r, targets, in_chans, checkpoint_every=checkpoint_every
+    )
     activations = trace.at(batch_size)
     states_total = states.weights + states.gradients + optimizer_bytes + states.workspace
     total, terms = _total(states_total, activations, device)

@@ -20,7 +20,7 @@ TECHNIQUES: dict[str, str] = {
     "dq": "double quantization: the 4-bit block scales are themselves quantized (needs nf4 or fp4)",
     "lora": "peft LoRA adapters on the backbone's target modules; the base weights are frozen",
     "qlora": "QLoRA: nf4 + dq + k-bit training preparation + LoRA",
-    "ckpt": "activation checkpointing of every block (recomputed in the backward pass)",
+    "ckpt": "activation checkpointing of every block, or every n-th (checkpoint_every=n); recomputed in the backward",
 }
 
 QUANTIZATIONS = ("int8", "nf4", "fp4")
@@ -35,7 +35,7 @@ class Techniques:
         double_quant: Quantize the 4-bit block scales too (bitsandbytes ``compress_statistics``).
         lora: Add LoRA adapters and freeze the base weights.
         kbit_prep: Run peft's ``prepare_model_for_kbit_training`` before adding LoRA (QLoRA).
-        checkpointing: Activation checkpointing of every block.
+        checkpointing: Activation checkpointing of the blocks (all, or every n-th by ``apply(checkpoint_every=n)``).
     """
 
     quantization: str | None = None
