@@ -116,11 +116,14 @@ class TokensToGrid(nn.Module):
         tokens = [f for f in features if f.ndim == 3]
         if not tokens:
             return 0, 0
-        count = tokens[0].shape[1] - int(self.cls_token)
+        # the patch grid is the largest token set: features merged by a projector (e.g. InternVL's pixel shuffle)
+        # hold fewer tokens and are placed on it by _to_map
+        reference = max(tokens, key=lambda feature: feature.shape[1])
+        count = reference.shape[1] - int(self.cls_token)
         side = math.isqrt(max(count, 0))
         if side * side != count or count == 0:
             raise InputError(
-                f"TokensToGrid got {tokens[0].shape[1]} tokens and no image_size: TerraTorch < 1.1 does not pass "
+                f"TokensToGrid got {reference.shape[1]} tokens and no image_size: TerraTorch < 1.1 does not pass "
                 "the image size to necks, so only square token grids can be reshaped"
                 f"{' (after removing the CLS token)' if self.cls_token else ''}. Use square images or TerraTorch "
                 ">= 1.1."

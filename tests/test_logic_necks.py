@@ -103,7 +103,16 @@ def test_without_image_size_other_counts_are_refused(count: int, cls_token: bool
 
 
 @pytest.mark.shapes
-def test_the_first_token_feature_decides_the_grid_without_image_size() -> None:
+def test_without_image_size_the_largest_token_feature_is_the_patch_grid() -> None:
+    """A merged feature first (2x2, as after a projector's pixel shuffle), the patch grid (4x4) second."""
+    merged, grid = TokensToGrid([1, 1], patch_size=14)([numbered(1, 4, 1), numbered(1, 16, 1)])
+    assert torch.equal(grid[0, 0], raster(4, 4))
+    assert merged.shape == (1, 1, 4, 4)  # placed on the patch grid (resize_to_grid), not read as the grid itself
+    assert torch.equal(merged[0, 0, ::2, ::2], raster(2, 2))
+
+
+@pytest.mark.shapes
+def test_without_image_size_maps_pass_through_and_the_tokens_decide_the_grid() -> None:
     maps = torch.randn(1, 1, 5, 5)
     grid, merged = TokensToGrid([1, 1], patch_size=14, resize_to_grid=False)([maps, numbered(1, 16, 1)])
     assert grid is maps
