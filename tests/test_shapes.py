@@ -281,13 +281,14 @@ def test_build_model_from_two_names(backbone, task, decoder):
 
 @pytest.mark.parametrize("task", ["regression", "scalar_regression"])
 def test_tasks_the_factory_lacks_are_refused_clearly(task):
-    """TerraTorch 1.0 has no scalar_regression and no num_outputs: our error, not the factory's."""
+    """TerraTorch < 1.2 has no scalar_regression, 1.0 no num_outputs: our error, not the factory's."""
     decoder = "IdentityDecoder" if task == "scalar_regression" else "FCNDecoder"
     build = functools.partial(build_model, "internvl2_5_4b", decoder, task, preset="tiny", in_chans=3, num_outputs=2)
     if task in factory_tasks() and factory_takes_num_outputs():
         assert build().train()(torch.randn(2, 3, 28, 28)).output.shape[:2] == (2, 2)
     else:
-        with pytest.raises(ConfigurationError, match=r"needs TerraTorch >= 1\.1"):
+        since = r"1\.2" if task not in factory_tasks() else r"1\.1"
+        with pytest.raises(ConfigurationError, match=rf"needs TerraTorch >= {since}\."):
             build()
 
 
