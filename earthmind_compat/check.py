@@ -105,7 +105,12 @@ def check_necks(backbone: str) -> str:
     model = tiny_backbone(backbone).eval()
     x = tiny_input(backbone)
     specs = [
-        {"name": "TokensToGrid", "patch_size": model.patch_size, "cls_token": model.has_cls_token},
+        {
+            "name": "TokensToGrid",
+            "patch_size": model.patch_size,
+            "cls_token": model.has_cls_token,
+            "merge_factors": model.merge_factors,
+        },
         {"name": "ProjectChannels", "out_channels": 8},
     ]
     necks, _ = build_neck_list(specs, list(model.out_channels))

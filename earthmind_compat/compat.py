@@ -162,13 +162,15 @@ def call_decoder_layer(
     position_embeddings: tuple,
     position_ids: object,
     attention_mask: object | None,
+    is_causal: bool = False,
 ) -> object:
     """Call one transformers decoder layer (e.g. ``Qwen2DecoderLayer``) outside its model's loop, in every version.
 
     transformers 4.52 returns a tuple and 5.x the hidden states alone (:func:`first_tensor` takes either).
-    ``attention_mask`` is an additive 4-D mask or ``None``; ``is_causal=False`` reaches the attention function as
-    a keyword in 4.x and 5.x alike, so ``None`` means no mask at all (bidirectional) with the SDPA and eager
-    attention implementations, never the implicit causal mask SDPA would otherwise apply.
+    ``attention_mask`` is an additive 4-D mask or ``None``; ``is_causal`` reaches the attention function as a
+    keyword in 4.x and 5.x alike. With ``attention_mask=None``, ``is_causal=False`` means no mask at all
+    (bidirectional) with the SDPA and eager implementations, and ``is_causal=True`` SDPA's own causal masking,
+    which is what the language model itself uses without padding (eager attention ignores the flag: give it a mask).
     """
     return first_tensor(
         layer(
@@ -176,7 +178,7 @@ def call_decoder_layer(
             attention_mask=attention_mask,
             position_ids=position_ids,
             position_embeddings=position_embeddings,
-            is_causal=False,
+            is_causal=is_causal,
         )
     )
 

@@ -39,11 +39,26 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
+def _merge_factors(value: object, count: int) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ConfigurationError(f"TokensToGrid merge_factors must be a list of positive integers, got {value!r}.")
+    factors = [_positive_int("TokensToGrid merge_factors entry", factor) for factor in value]
+    if len(factors) != count:
+        raise ConfigurationError(
+            f"TokensToGrid got {len(factors)} merge_factors {factors} for {count} features; give one per feature "
+            "(backbone.merge_factors)."
+        )
+    return factors
+
+
 class TokensToGrid(nn.Module):
     """Reshape ``[B, N, C]`` token tensors into ``[B, C, rows, cols]`` maps on the patch grid.
 
     The grid is ``image_size / patch_size`` (TerraTorch >= 1.1 passes ``image_size``; on 1.0.x, which does
-    not, the grid must be square and is taken from the token count). A token tensor must hold exactly
+    not, the grid must be square and is taken from the token count of the largest token feature, times its
+    ``merge_factors`` entry when given). A token tensor must hold exactly
     ``rows * cols`` tokens, plus one leading CLS token when ``cls_token`` is true, or the tokens of a grid
     merged by 2, 4 or 8 in each direction (e.g. InternVL's pixel-shuffled projector output, never with a
     CLS token). Anything else raises :class:`InputError` naming the expected counts. Maps (4-D) pass through.
@@ -55,6 +70,11 @@ class TokensToGrid(nn.Module):
             (``backbone.has_cls_token``); it is dropped.
         resize_to_grid: Upsample merged (coarser) grids to the patch grid (nearest), so every output map
             has the same size; with False they keep their own size.
+        merge_factors: Optional, one per input feature: how many patches per side one of its tokens covers
+            (1 on the tower's layers, 2 on InternVL's projector and the language layers; ``backbone.merge_factors``).
+            Only read without ``image_size`` (TerraTorch 1.0.x), where it places a merged feature on the patch
+            grid even when no full-resolution feature is selected; without it, such a feature is read as the
+            patch grid itself.
     """
 
     def __init__(
@@ -63,6 +83,7 @@ class TokensToGrid(nn.Module):
         patch_size: int,
         cls_token: bool = False,
         resize_to_grid: bool = True,
+        merge_factors: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.channel_list = list(channel_list)
@@ -71,6 +92,7 @@ class TokensToGrid(nn.Module):
             raise ConfigurationError(f"TokensToGrid cls_token must be true or false, got {cls_token!r}.")
         self.cls_token = cls_token
         self.resize_to_grid = bool(resize_to_grid)
+        self.merge_factors = _merge_factors(merge_factors, len(self.channel_list))
 
     def process_channel_list(self, channel_list: list[int]) -> list[int]:
         """Reshaping keeps every feature's channels."""
@@ -89,6 +111,12 @@ class TokensToGrid(nn.Module):
         Returns:
             One ``[B, C, rows, cols]`` map per feature.
         """
+        if self.merge_factors is not None and len(self.merge_factors) != len(features):
+            raise InputError(
+                f"TokensToGrid got {len(features)} features but {len(self.merge_factors)} merge_factors "
+                f"{self.merge_factors}; give one factor per backbone feature (backbone.merge_factors) and put "
+                "TokensToGrid first in the neck chain."
+            )
         rows, cols = self._grid(features, image_size)
         out = []
         for index, feature in enumerate(features):
@@ -113,22 +141,24 @@ class TokensToGrid(nn.Module):
                     "patch_size equals backbone.patch_size and keep TerraTorch's padding on (backbone_padding)."
                 )
             return height // p, width // p
-        tokens = [f for f in features if f.ndim == 3]
+        factors = self.merge_factors or [1] * len(features)
+        tokens = [(f, factor) for f, factor in zip(features, factors, strict=True) if f.ndim == 3]
         if not tokens:
             return 0, 0
-        # the patch grid is the largest token set: features merged by a projector (e.g. InternVL's pixel shuffle)
-        # hold fewer tokens and are placed on it by _to_map
-        reference = max(tokens, key=lambda feature: feature.shape[1])
-        count = reference.shape[1] - int(self.cls_token)
+        # the patch grid is read from the largest token set: features merged by a projector (e.g. InternVL's pixel
+        # shuffle) hold fewer tokens and are placed on it by _to_map; a merged one (never with a CLS token) is
+        # scaled up by its merge factor
+        reference, factor = max(tokens, key=lambda pair: pair[0].shape[1])
+        cls = int(self.cls_token) if factor == 1 else 0
+        count = reference.shape[1] - cls
         side = math.isqrt(max(count, 0))
         if side * side != count or count == 0:
             raise InputError(
                 f"TokensToGrid got {reference.shape[1]} tokens and no image_size: TerraTorch < 1.1 does not pass "
                 "the image size to necks, so only square token grids can be reshaped"
-                f"{' (after removing the CLS token)' if self.cls_token else ''}. Use square images or TerraTorch "
-                ">= 1.1."
+                f"{' (after removing the CLS token)' if cls else ''}. Use square images or TerraTorch >= 1.1."
             )
-        return side, side
+        return side * factor, side * factor
 
     def _to_map(self, tokens: torch.Tensor, index: int, rows: int, cols: int) -> torch.Tensor:
         count = tokens.shape[1]

@@ -9,8 +9,8 @@ before anything reaches a decoder.
 
 Chains (``p`` = ``backbone.patch_size``, ``cls`` = ``backbone.has_cls_token``, K = number of features):
 
-- every decoder: ``TokensToGrid(patch_size=p, cls_token=cls)``, then ``ProjectChannels(width)`` if a
-  ``width`` is asked for;
+- every decoder: ``TokensToGrid(patch_size=p, cls_token=cls)`` (with ``merge_factors=backbone.merge_factors``
+  when some features lie on a merged grid), then ``ProjectChannels(width)`` if a ``width`` is asked for;
 - pyramid decoders (``UperNetDecoder``, ``UNetDecoder``, ``smp_*``): then ``SelectIndices`` spreading the K
   features over exactly 4 (only when K != 4) and TerraTorch's ``LearnedInterpolateToPyramidal``
   (x4, x2, x1, x0.5);
@@ -58,14 +58,20 @@ class FeatureLayout:
         patch_size: Side of one patch in pixels.
         has_cls_token: Whether full-resolution token tensors start with a CLS token.
         in_chans: Number of input bands.
-        merged_last: Whether some features lie on a 2x merged token grid (InternVL's projector, the language layers).
+        merge_factors: Per feature, how many patches per side one token covers (2 on InternVL's projector and the
+            language layers); empty means 1 for every feature.
     """
 
     out_channels: tuple[int, ...]
     patch_size: int
     has_cls_token: bool
     in_chans: int
-    merged_last: bool = False
+    merge_factors: tuple[int, ...] = ()
+
+    @property
+    def merged_last(self) -> bool:
+        """Whether some features lie on a merged token grid (they follow the patch-grid features)."""
+        return any(factor > 1 for factor in self.merge_factors)
 
 
 def layout_of(backbone: nn.Module) -> FeatureLayout:
@@ -88,7 +94,7 @@ def layout_of(backbone: nn.Module) -> FeatureLayout:
         patch_size=patch,
         has_cls_token=bool(backbone.has_cls_token),
         in_chans=int(backbone.in_chans),
-        merged_last=bool(getattr(backbone, "with_projector", False) or getattr(backbone, "language_layers", 0)),
+        merge_factors=tuple(int(f) for f in getattr(backbone, "merge_factors", ())),
     )
 
 
@@ -451,6 +457,8 @@ def recommend(
     else:
         layout = layout_of_name(backbone, **backbone_kwargs)
     necks: list[dict] = [{"name": "TokensToGrid", "patch_size": layout.patch_size, "cls_token": layout.has_cls_token}]
+    if layout.merged_last:  # places merged features on the patch grid where TerraTorch 1.0 gives no image size
+        necks[0]["merge_factors"] = list(layout.merge_factors)
     channels = list(layout.out_channels)
     if width is not None:
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:

@@ -19,6 +19,7 @@ from internvl_layouts import native_model, write_internvl_chat, write_native, wr
 from safetensors import safe_open
 from safetensors.torch import save_file
 from terratorch.registry import BACKBONE_REGISTRY
+from upstream_bugs import TERRATORCH_NECKS_GET_NO_IMAGE_SIZE
 
 from earthmind_compat import weights
 from earthmind_compat.errors import ConfigurationError, WeightsError
@@ -131,6 +132,45 @@ def test_earthmind_language_layers_read_the_release_order(checkpoints):
 
     bidirectional = run(build("earthmind_v1", out_indices=[-1], **kwargs), x)[0]
     assert not torch.allclose(bidirectional, last, atol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_causal_attention_hides_later_tokens_in_every_attention_implementation(implementation, monkeypatch):
+    """SDPA runs causal through its own flag (as transformers does), eager through our additive mask: in both, a
+    change to the last token leaves every earlier output alone, and both agree."""
+    from earthmind_compat.backbones.language import run_language_layers
+
+    model = build("internvl2_5_4b", language_layers=K).language_model
+    tokens = torch.randn(2, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    changed = tokens.clone()
+    changed[:, -1] += 1.0
+    with torch.no_grad():
+        reference = run_language_layers(model, tokens, [K - 1], "causal")[K - 1]
+        monkeypatch.setattr(model.config, "_attn_implementation", implementation)
+        causal = run_language_layers(model, tokens, [K - 1], "causal")[K - 1]
+        moved = run_language_layers(model, changed, [K - 1], "causal")[K - 1]
+        bidirectional = run_language_layers(model, changed, [K - 1], "bidirectional")[K - 1]
+    torch.testing.assert_close(causal, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(moved[:, :-1], causal[:, :-1], rtol=0, atol=1e-6)
+    assert (moved[:, -1] - causal[:, -1]).abs().max() > 1e-2
+    assert (bidirectional[:, :-1] - causal[:, :-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["internvl2_5_4b", "earthmind_v1"])
+def test_merge_factors_are_the_grids_the_features_lie_on(name):
+    """``backbone.merge_factors`` (read by TokensToGrid without an image size) against the token counts returned:
+    at 112 px, 8 x 8 patches: the tower's layers hold 64 tokens (+ CLS), the language layers and the projector 16."""
+    kwargs = {"language_layers": 1, "with_projector": True, "out_indices": [0, -1]}
+    x = _image()[:1].repeat(1, 1, 2, 2)
+    if name == "earthmind_v1":
+        kwargs["modalities"] = {"sar": 3, "optical": 3}
+        x = {"sar": x, "optical": x}
+    backbone = build(name, **kwargs)
+    features = run(backbone, x)
+    assert backbone.merge_factors == [1, 2, 2]
+    for feature, factor in zip(features, backbone.merge_factors, strict=True):
+        cls = int(backbone.has_cls_token) if factor == 1 else 0
+        assert feature.shape[1] == (8 // factor) ** 2 + cls
 
 
 # -- weights: only the k layers, strictly --------------------------------------------------------------------------
@@ -334,6 +374,7 @@ def test_language_tolerance_catches_a_broken_quantizer(technique):
 
 
 @pytest.mark.e2e
+@TERRATORCH_NECKS_GET_NO_IMAGE_SIZE.mark  # test_lifecycle_cli's 96 x 80 tiles
 def test_qlora_ckpt_language_layers_fit_test_predict(lifecycle_workdir, monkeypatch):
     """``terratorch fit`` then ``test`` and ``predict`` from its checkpoint (``build_lightning_cli``, in process)."""
     import yaml

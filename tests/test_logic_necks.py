@@ -112,6 +112,65 @@ def test_without_image_size_the_largest_token_feature_is_the_patch_grid() -> Non
 
 
 @pytest.mark.shapes
+@pytest.mark.parametrize("cls_token", [False, True])
+def test_without_image_size_merge_factors_place_merged_only_features_as_the_image_size_does(cls_token: bool) -> None:
+    """Only merged features selected (InternVL's projector, the language layers): TerraTorch 1.0 gives maps of the
+    size TerraTorch >= 1.1 gives from the image size, the 4x4 patch grid, not the 2x2 merged grid itself."""
+    neck = TokensToGrid([1, 1], patch_size=14, cls_token=cls_token, merge_factors=[2, 2])
+    features = [numbered(2, 4, 1), numbered(2, 4, 1) + 0.5]
+    without = neck(features)
+    with_size = neck(features, image_size=(56, 56))
+    assert [m.shape for m in without] == [torch.Size([2, 1, 4, 4])] * 2
+    for a, b in zip(without, with_size, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(without[0][1, 0, ::2, ::2], raster(2, 2, 1000))
+
+
+@pytest.mark.shapes
+def test_without_image_size_merge_factors_leave_the_patch_grid_to_a_full_resolution_feature() -> None:
+    neck = TokensToGrid([1, 1], patch_size=14, cls_token=True, merge_factors=[1, 2])
+    grid, merged = neck([numbered(1, 17, 1), numbered(1, 4, 1)])
+    assert torch.equal(grid[0, 0], raster(4, 4, 1))
+    assert merged.shape == (1, 1, 4, 4)
+
+
+@pytest.mark.shapes
+def test_without_image_size_a_merged_feature_needs_its_factor_when_cls_token_is_true() -> None:
+    """4 tokens, no CLS: the projector's 2x2 grid, which cannot be read as a patch grid with a CLS token."""
+    with pytest.raises(InputError, match=r"TokensToGrid got 4 tokens and no image_size"):
+        TokensToGrid([1], patch_size=14, cls_token=True)([numbered(1, 4, 1)])
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(
+    ("merge_factors", "message"),
+    [
+        ("2", "TokensToGrid merge_factors must be a list of positive integers, got '2'."),
+        (2, "TokensToGrid merge_factors must be a list of positive integers, got 2."),
+        ([1, 0], "TokensToGrid merge_factors entry must be a positive integer, got 0."),
+        ([1, True], "TokensToGrid merge_factors entry must be a positive integer, got True."),
+        ([1], "TokensToGrid got 1 merge_factors [1] for 2 features; give one per feature (backbone.merge_factors)."),
+    ],
+)
+def test_merge_factors_are_checked_when_built(merge_factors: object, message: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        TokensToGrid([1, 1], patch_size=14, merge_factors=merge_factors)
+    assert str(info.value) == message
+
+
+@pytest.mark.reliability
+def test_merge_factors_must_match_the_features_it_gets() -> None:
+    """E.g. after a SelectIndices that TerraTorch ran first: the factors no longer line up with the features."""
+    neck = TokensToGrid([1, 1, 1], patch_size=14, merge_factors=[1, 1, 2])
+    with pytest.raises(InputError) as info:
+        neck([numbered(1, 16, 1), numbered(1, 4, 1)], image_size=(56, 56))
+    assert str(info.value) == (
+        "TokensToGrid got 2 features but 3 merge_factors [1, 1, 2]; give one factor per backbone feature "
+        "(backbone.merge_factors) and put TokensToGrid first in the neck chain."
+    )
+
+
+@pytest.mark.shapes
 def test_without_image_size_maps_pass_through_and_the_tokens_decide_the_grid() -> None:
     maps = torch.randn(1, 1, 5, 5)
     grid, merged = TokensToGrid([1, 1], patch_size=14, resize_to_grid=False)([maps, numbered(1, 16, 1)])

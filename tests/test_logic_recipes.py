@@ -38,7 +38,7 @@ CLS = FeatureLayout(out_channels=(8, 8, 8), patch_size=14, has_cls_token=True, i
 #: Granite-like: no CLS token, patch 16, 4 features of 6 channels.
 PLAIN = FeatureLayout(out_channels=(6, 6, 6, 6), patch_size=16, has_cls_token=False, in_chans=5)
 #: InternVL with the projector: the last feature lies on a merged grid.
-MERGED = FeatureLayout(out_channels=(8, 8, 8), patch_size=14, has_cls_token=True, in_chans=3, merged_last=True)
+MERGED = FeatureLayout(out_channels=(8, 8, 8), patch_size=14, has_cls_token=True, in_chans=3, merge_factors=(1, 1, 2))
 
 
 def step(

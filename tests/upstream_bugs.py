@@ -77,5 +77,24 @@ TERRATORCH_AGGREGATE_TOKENS_CHANNELS = UpstreamBug(
     summary="AggregateTokens.process_channel_list ignores index/indices",
 )
 
+#: TerraTorch 1.0.x's PixelWiseModel and ScalarOutputModel call the neck with the features only, so a neck cannot
+#: know the image size: a token grid is placed only when it is square. TerraTorch pads to twice the patch size, so
+#: 96 x 80 tiles reach a 14-pixel-patch backbone as 112 x 84 (8 x 6 patches). 1.1.0 passes ``image_size=``.
+TERRATORCH_NECKS_GET_NO_IMAGE_SIZE = UpstreamBug(
+    package="terratorch",
+    affected=">= 1.0.0, < 1.1.0 (fixed in 1.1.0)",
+    low="1.0.0",
+    high="1.0.999",
+    reference=(
+        "terratorch/models/pixel_wise_model.py: 1.0.2 calls the neck as prepare(features), 1.1.0 as "
+        "self.neck(features, image_size=input_size)"
+    ),
+    summary="necks get no image size, so tokens of a non-square patch grid cannot be placed on it",
+)
+
 #: Every known upstream bug (the README troubleshooting section lists each).
-UPSTREAM_BUGS = (TERRATORCH_PREDICT_NEEDS_CLASS_FOLDERS, TERRATORCH_AGGREGATE_TOKENS_CHANNELS)
+UPSTREAM_BUGS = (
+    TERRATORCH_PREDICT_NEEDS_CLASS_FOLDERS,
+    TERRATORCH_AGGREGATE_TOKENS_CHANNELS,
+    TERRATORCH_NECKS_GET_NO_IMAGE_SIZE,
+)

@@ -257,6 +257,9 @@ class TokenBackbone(nn.Module):
         in_chans: Number of input bands.
         bands: Band names, or ``None``.
         has_cls_token: Whether each returned token tensor starts with a CLS token.
+        merge_factors: Per returned feature, how many patches per side one of its tokens covers (1 on the
+            patch grid, 2 on a grid merged by a projector's pixel shuffle); necks read it as
+            ``TokensToGrid(merge_factors=...)``.
         new_modules: Submodules that are not part of the released model and start from a fresh
             initialisation (e.g. a patch embedding in front of a language model). LoRA keeps them trainable,
             and an adapter export includes them.
@@ -268,6 +271,7 @@ class TokenBackbone(nn.Module):
     in_chans: int
     bands: list[str] | None
     has_cls_token: bool
+    merge_factors: list[int]
     new_modules: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: object) -> None:

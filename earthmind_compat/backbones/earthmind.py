@@ -49,6 +49,7 @@ from earthmind_compat.backbones.internvl import (
     check_projector_grid,
     checkpoint_parts,
     choose_layers,
+    feature_merge_factors,
     language_depth,
     language_keys,
     load_language,
@@ -290,6 +291,7 @@ class EarthMindBackbone(LanguageLayersMixin, TokenBackbone):
         ]
         if with_projector:
             self.out_channels.append(self.text_hidden_size * len(self.layout.modalities))
+        self.merge_factors = feature_merge_factors(self.out_indices, num_layers, with_projector)
         if checkpoint is not None:
             self._load_checkpoint(checkpoint)
         self.to(compute_dtype)

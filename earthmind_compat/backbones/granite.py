@@ -193,6 +193,7 @@ class GraniteBackbone(TokenBackbone):
         self.bidirectional_mamba = bool(bidirectional_mamba)
         self.has_cls_token = False
         self.out_channels = [hidden] * len(self.out_indices)
+        self.merge_factors = [1] * len(self.out_indices)
         self.to(compute_dtype)  # a bf16 checkpoint loads as bf16; every part follows one dtype
 
     @classmethod

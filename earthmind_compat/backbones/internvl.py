@@ -103,6 +103,22 @@ _PATCH_KERNEL = "embeddings.patch_embeddings.projection.weight"
 DOWNSAMPLE_RATIO = 0.5
 
 
+#: Patches per side that one projected token covers (the inverse of :data:`DOWNSAMPLE_RATIO`).
+PROJECTED_MERGE = round(1 / DOWNSAMPLE_RATIO)
+
+
+def feature_merge_factors(out_indices: Sequence[int], tower_depth: int, with_projector: bool) -> list[int]:
+    """Patches per side one token covers, per returned feature: 1 on tower layers, 2 after the projector.
+
+    Args:
+        out_indices: The chosen layers; indices from ``tower_depth`` on are language layers (on the merged grid).
+        tower_depth: Number of vision-tower layers.
+        with_projector: Whether the projector's output is appended as the last feature.
+    """
+    factors = [1 if index < tower_depth else PROJECTED_MERGE for index in out_indices]
+    return factors + ([PROJECTED_MERGE] if with_projector else [])
+
+
 def pixel_shuffle(features: torch.Tensor, scale_factor: float = DOWNSAMPLE_RATIO) -> torch.Tensor:
     """InternVL's pixel shuffle on a ``[B, rows, cols, C]`` grid, also for non-square grids.
 
@@ -394,6 +410,7 @@ class InternVLBackbone(LanguageLayersMixin, TokenBackbone):
         ]
         if with_projector:
             self.out_channels.append(self.text_hidden_size)
+        self.merge_factors = feature_merge_factors(self.out_indices, num_layers, with_projector)
         self.with_projector = with_projector
         self.to(compute_dtype)
 

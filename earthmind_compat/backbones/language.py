@@ -205,11 +205,15 @@ def run_language_layers(
     length = tokens.shape[1]
     position_ids = torch.arange(length, device=tokens.device)[None]
     position_embeddings = rotary_embeddings(model.config, tokens, position_ids)
-    mask = causal_mask(length, tokens.dtype, tokens.device) if attention == "causal" else None
+    # Causal attention as the language model itself applies it over an unpadded sequence: SDPA's own causal flag
+    # (transformers skips the mask then; an explicit mask runs another kernel, whose results differ in the last
+    # bits on torch 2.7), an explicit additive mask for the other attention implementations.
+    implicit = attention == "causal" and model.config._attn_implementation == "sdpa"
+    mask = causal_mask(length, tokens.dtype, tokens.device) if attention == "causal" and not implicit else None
     collected: dict[int, torch.Tensor] = {}
     hidden = tokens
     for index, layer in enumerate(model.layers[: max(wanted) + 1]):
-        hidden = call_decoder_layer(layer, hidden, position_embeddings, position_ids, mask)
+        hidden = call_decoder_layer(layer, hidden, position_embeddings, position_ids, mask, is_causal=implicit)
         if index in wanted:
             collected[index] = hidden
     return collected
