@@ -21,8 +21,6 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 # (measured in the note of issue 14). Set OMP_NUM_THREADS yourself to test with more threads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import earthmind_compat  # noqa: F401  (registers the backbones in TerraTorch for every test)
-
 # ci: random examples (each run explores new ones; a failure prints the blob that replays it) and no
 # shrinking: every example builds TerraTorch models, so shrinking a failure can take many minutes per test
 # (seen in a matrix cell). dev: more examples, shrinking to a minimal example, and hypothesis' example
@@ -45,6 +43,17 @@ GPU_ON_CPU = os.environ.get("EARTHMIND_GPU_ON_CPU", "") == "1"
 
 #: The suite's layers (markers in pyproject.toml); every test belongs to at least one.
 LAYERS = frozenset({"registry", "shapes", "numerics", "benchmark", "e2e", "reliability", "gpu"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the backbones in TerraTorch before any test module is collected, in every process that runs tests.
+
+    Not in pytest-xdist's controller (``-n 2``), which only hands tests to its workers: importing TerraTorch there
+    (about 10 s) would only delay the workers' start.
+    """
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    import earthmind_compat  # noqa: F401
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
