@@ -11,7 +11,8 @@ checkpoint file:
   ``earthmind-compat export-adapters`` in process;
 - ``none`` and ``nf4+dq`` (InternVL) through ``earthmind-compat fit/test/predict`` in process;
 - ``int8`` (EarthMind) through TerraTorch's CLI in process (``build_lightning_cli``, what ``terratorch`` runs);
-- ``bf16-mixed`` precision on a bf16 checkpoint (InternVL).
+- ``bf16-mixed`` precision on a bf16 checkpoint (InternVL);
+- ``activation_checkpointing: {every: 2}`` with ``lora: true`` (Granite) through TerraTorch's CLI in process.
 
 In-process runs go through the same argument parsing, config and checkpoint code as the executables; only
 the interpreter start (15-20 s each here) is saved. Predictions must be GeoTIFFs on each input's grid.
@@ -200,6 +201,29 @@ def test_qlora_granite_through_terratorch_and_export(workdir, monkeypatch):
     assert not torch.equal(task_outputs(fresh, probe_input()), expected)
     load_adapters(fresh, adapters)
     assert torch.equal(task_outputs(fresh, probe_input()), expected)
+
+
+def test_checkpointing_every_second_block_from_the_yaml(workdir, monkeypatch):
+    """``backbone_activation_checkpointing: {every: 2}`` as a user writes it (with ``backbone_lora: true``): fit,
+    test from the checkpoint file (the granularity rebuilt from the saved config, the outputs reloaded), resume."""
+    from earthmind_compat.optimize.checkpointing import checkpointed_blocks
+
+    monkeypatch.chdir(workdir)
+    document = config("granite_every", "granite_4_tiny", "lora")
+    model_args = document["model"]["init_args"]["model_args"]
+    del model_args["backbone_technique"]
+    model_args.update(backbone_lora=True, backbone_activation_checkpointing={"every": 2})
+    name = write_config(workdir, "granite_every", document)
+    fitted = terratorch_in_process("fit", "-c", name)
+    assert checkpointed_blocks(fitted.model.model.encoder) == [0, 2]  # of the tiny preset's 4 blocks
+    checkpoint = only_checkpoint(workdir, "granite_every")
+    expected = task_outputs(fitted.model, probe_input())
+    tested = terratorch_in_process("test", "-c", name, "--ckpt_path", checkpoint)
+    assert checkpointed_blocks(tested.model.model.encoder) == [0, 2]
+    assert torch.equal(task_outputs(tested.model, probe_input()), expected)
+    resumed = terratorch_in_process("fit", "-c", name, "--ckpt_path", checkpoint, "--trainer.max_epochs", "2")
+    assert resumed.trainer.current_epoch == 2
+    assert checkpointed_blocks(resumed.model.model.encoder) == [0, 2]
 
 
 def terratorch_in_process_model(name: str):
