@@ -69,8 +69,8 @@ class FeatureLayout:
     merge_factors: tuple[int, ...] = ()
 
     @property
-    def merged_last(self) -> bool:
-        """Whether some features lie on a merged token grid (they follow the patch-grid features)."""
+    def has_merged_features(self) -> bool:
+        """Whether some features lie on a merged token grid (InternVL's projector, the language layers)."""
         return any(factor > 1 for factor in self.merge_factors)
 
 
@@ -183,7 +183,7 @@ def _reshape_tokens_fits(step: Step) -> None:
             "token (or keep the CLS token) and reshape into a wrong grid, silently when the count happens to be "
             f"square. Use {_grid_from_tokens(step)}.{step.hint}"
         )
-    if layout.merged_last:
+    if layout.has_merged_features:
         raise ConfigurationError(
             f"{step.where} cannot reshape the projector's merged tokens next to the tower's (it removes the CLS "
             f"token from every feature). Use TokensToGrid.{step.hint}"
@@ -457,7 +457,7 @@ def recommend(
     else:
         layout = layout_of_name(backbone, **backbone_kwargs)
     necks: list[dict] = [{"name": "TokensToGrid", "patch_size": layout.patch_size, "cls_token": layout.has_cls_token}]
-    if layout.merged_last:  # places merged features on the patch grid where TerraTorch 1.0 gives no image size
+    if layout.has_merged_features:  # places merged features on the patch grid where TerraTorch 1.0 gives no image size
         necks[0]["merge_factors"] = list(layout.merge_factors)
     channels = list(layout.out_channels)
     if width is not None:

@@ -474,3 +474,13 @@ def test_decoder_checks_end_after_an_unknown_neck() -> None:
         8,
         8,
     ]
+
+
+@pytest.mark.shapes
+@pytest.mark.parametrize(("layout", "factors"), [(MERGED, [1, 1, 2]), (CLS, None), (PLAIN, None)])
+def test_the_recommended_tokens_to_grid_carries_the_merge_factors_of_merged_features(layout, factors) -> None:
+    """Written only where some feature lies on a merged grid (TerraTorch 1.0 places it with them, see necks.py)."""
+    first = recipes.recommend(layout, "FCNDecoder").necks[0]
+    assert first["name"] == "TokensToGrid"
+    assert first.get("merge_factors") == factors
+    assert layout.has_merged_features is (factors is not None)
