@@ -217,23 +217,43 @@ def _randomize(model) -> None:
                 param.uniform_(0.5, 1.5)
 
 
-@pytest.fixture(scope="session")
-def gloo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One two-process gloo run (DDP steps, then an FSDP2 step) shared by the distributed checks; its directory.
-
-    Under pytest-xdist every worker has its own session: the run goes to the directory the workers share, under
-    a file lock, so the first worker to need it spawns it and the other reads its results.
-    """
-    import two_process_runs
-    from filelock import FileLock
-
+def _gloo_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The two-process run's directory: under pytest-xdist, the one that every worker of the run shares."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the run's base directory, above each worker's own
-    out_dir = root / "gloo"
-    with FileLock(str(root / "gloo.lock")):
-        if not (out_dir / "done").exists():
-            out_dir.mkdir(exist_ok=True)
-            two_process_runs.run(str(out_dir))
-            (out_dir / "done").touch()
+    return root / "gloo"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def gloo_run_started(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Start the two-process gloo run in the background when the session starts, if a selected test reads it.
+
+    It then runs while the suite goes on, instead of while a test waits for it. Under pytest-xdist every worker
+    has its own session: the first to create the directory's ``started`` file starts the run.
+    """
+    if not any("gloo_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        return
+    import two_process_runs
+
+    out_dir = _gloo_run_dir(tmp_path_factory)
+    out_dir.mkdir(exist_ok=True)
+    try:
+        os.close(os.open(out_dir / "started", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return  # another worker started it
+    two_process_runs.start(str(out_dir))
+
+
+@pytest.fixture(scope="session")
+def gloo_run(gloo_run_started: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory of the two-process gloo run (DDP steps, then an FSDP2 step), once it has finished."""
+    import two_process_runs
+
+    out_dir = _gloo_run_dir(tmp_path_factory)
+    try:
+        two_process_runs.wait(str(out_dir))
+    except RuntimeError as error:
+        pytest.fail(str(error), pytrace=False)
     return out_dir
+

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("name", ["internvl2_5_4b", pytest.param("granite_4_tiny", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["internvl2_5_4b", "granite_4_tiny"])
 def test_ddp_two_processes_match_one_process(name, gloo_run):
     model = ddp_model(name)
     halves = ddp_batch(name).chunk(2)

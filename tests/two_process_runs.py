@@ -1,16 +1,23 @@
 """One two-process gloo run on CPU for every distributed check of the suite.
 
-A spawned process starts cold (importing torch, transformers and TerraTorch takes ~12 s on the 2-core machine),
-so the DDP gradient check (tests/test_distributed.py) and the planner's FSDP check (tests/test_plan.py) share one
-``torch.multiprocessing.spawn`` and one process group: :func:`run` does the DDP steps, then the FSDP2 step, and
-writes what each rank saw into a directory. The session fixture ``gloo_run`` (tests/conftest.py) calls it once
-per test run, for every pytest-xdist worker.
+The DDP gradient check (tests/test_distributed.py) and the planner's FSDP check (tests/test_plan.py) share one
+pair of processes and one process group: each rank does the DDP steps, then the FSDP2 step, and writes what it
+saw into a directory. The ranks are forked where the platform can (Linux): a forked rank inherits the imported
+torch, transformers and TerraTorch, where a spawned one starts cold and imports them again (~12 s of CPU per
+rank on the 2-core machine). tests/conftest.py starts the run in the background when the session starts
+(:func:`start`, once per test run for every pytest-xdist worker) and the tests that read it wait for it
+(:func:`wait`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+import traceback
+import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -102,16 +109,71 @@ def _fsdp_step(rank: int, out_dir: str) -> None:
 
 
 def _worker(rank: int, out_dir: str) -> None:
-    # a file rendezvous: no port to pick, so no race with other processes for a free one
-    rendezvous = f"file://{os.path.join(out_dir, 'rendezvous')}"
-    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD)
+    # the rank's own output goes to its log, not into whatever test the parent is capturing meanwhile
+    log = os.open(os.path.join(out_dir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    torch.set_num_threads(1)  # as a spawned rank under the suite's OMP_NUM_THREADS=1, whatever the parent set
     try:
-        _ddp_steps(rank, out_dir)
-        _fsdp_step(rank, out_dir)
-    finally:
-        dist.destroy_process_group()
+        # a file rendezvous: no port to pick, so no race with other processes for a free one
+        rendezvous = f"file://{os.path.join(out_dir, 'rendezvous')}"
+        dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD)
+        try:
+            _ddp_steps(rank, out_dir)
+            _fsdp_step(rank, out_dir)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        Path(out_dir, f"failed_rank{rank}").write_text(traceback.format_exc())
+        raise
+    Path(out_dir, f"done_rank{rank}").touch()
 
 
-def run(out_dir: str) -> None:
-    """Spawn the two ranks; they write ``<backbone>_rank<r>.pt`` (DDP gradients) and ``fsdp_rank<r>.json``."""
-    mp.spawn(_worker, args=(out_dir,), nprocs=WORLD, join=True)
+def start(out_dir: str) -> None:
+    """Start the two ranks in the background and return at once.
+
+    A daemon thread joins them (so they are reaped, and a rank that dies without a traceback, e.g. killed by a
+    signal, is reported in ``failed``); :func:`wait` blocks until they are done.
+
+    Args:
+        out_dir: An existing directory for the run's files.
+    """
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with warnings.catch_warnings():
+        # Python >= 3.12 warns that forking a multi-threaded process (pytest-xdist's worker has an I/O thread) can
+        # deadlock on a lock another thread held; the ranks touch no such lock: they run torch in their own
+        # process group, write files and leave through os._exit, as torch's own DataLoader workers do.
+        warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+        context = mp.start_processes(_worker, args=(out_dir,), nprocs=WORLD, join=False, start_method=method)
+
+    def reap() -> None:
+        try:
+            while not context.join():
+                pass
+        except Exception as error:  # a rank raised (its traceback is in failed_rank<r>) or died of a signal
+            Path(out_dir, "failed").write_text(f"{type(error).__name__}: {error}")
+
+    threading.Thread(target=reap, name="gloo-run-reaper", daemon=True).start()
+
+
+def wait(out_dir: str, timeout: float = 600.0) -> None:
+    """Block until both ranks of the run in ``out_dir`` are done.
+
+    Args:
+        out_dir: The directory :func:`start` was given.
+        timeout: Seconds to wait before giving up.
+
+    Raises:
+        RuntimeError: A rank failed (with its traceback and log), or the run did not finish within ``timeout``.
+    """
+    directory = Path(out_dir)
+    deadline = time.monotonic() + timeout
+    while not all((directory / f"done_rank{rank}").exists() for rank in range(WORLD)):
+        failures = sorted(directory.glob("failed*"))
+        if failures:
+            logs = [path.read_text()[-3000:] for path in sorted(directory.glob("rank*.log"))]
+            report = "\n".join([path.read_text() for path in failures] + logs)
+            raise RuntimeError(f"the two-process gloo run in {out_dir} failed:\n{report}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the two-process gloo run in {out_dir} did not finish within {timeout:.0f} s")
+        time.sleep(0.2)
