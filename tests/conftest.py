@@ -66,6 +66,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             "mark them (pytestmark or @pytest.mark.<layer>)."
         )
 
+    # `slow` tests first (a stable sort: pytest-randomly's shuffle stays within each group). Under pytest-xdist's
+    # work-stealing scheduler (`--dist worksteal` in pyproject.toml) a worker that runs out of tests takes over
+    # the other's queue, but not a test that is already running: with the long tests at the start, neither
+    # worker is left alone with one at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
     if torch.cuda.is_available() or GPU_ON_CPU:
         return
     skip = pytest.mark.skip(reason="needs CUDA (set EARTHMIND_GPU_ON_CPU=1 to run at tiny size on CPU)")

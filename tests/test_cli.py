@@ -172,6 +172,7 @@ def test_help_and_argument_errors_import_nothing_heavy(argv: list[str], exit_cod
 
 
 @pytest.mark.reliability
+@pytest.mark.slow  # a new Python process that imports TerraTorch
 def test_console_script_runs_a_command_with_the_backbones_registered() -> None:
     """Past the parser the launcher runs the package's __init__, so a command sees the registered backbones."""
     proc, imported = _run_console_script("plan", "--backbone", "internvl2_5_4b", "--preset", "tiny", "--json")
