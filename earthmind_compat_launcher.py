@@ -19,7 +19,6 @@ to register; loading the command modules by file path under another name would e
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import sys
 
@@ -53,12 +52,7 @@ def main() -> int:
 
     from earthmind_compat.cli import main as cli_main
 
-    code = cli_main(prepare=finish_import)
-    # The console script exits with this code right after. Spare the process the interpreter's final garbage
-    # collection over the million objects that TerraTorch's import created (about 2.5 s on a 2-core machine):
-    # the command has closed what it wrote, and the OS takes the memory back with the process.
-    gc.freeze()
-    return code
+    return cli_main(prepare=finish_import)
 
 
 if __name__ == "__main__":

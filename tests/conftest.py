@@ -263,14 +263,3 @@ def gloo_run(gloo_run_started: None, tmp_path_factory: pytest.TempPathFactory) -
         pytest.fail(str(error), pytrace=False)
     return out_dir
 
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """Let the process exit without walking its objects again (about 3 s per process with TerraTorch imported).
-
-    At exit the interpreter runs its garbage collector over every object still tracked, and TerraTorch's import
-    alone leaves close to a million; ``gc.freeze`` moves them out of the collector's sight. Nothing is lost: the run
-    is over, reference counting still frees what it frees, and the memory goes back to the OS with the process.
-    """
-    import gc
-
-    gc.freeze()
