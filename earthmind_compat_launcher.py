@@ -19,7 +19,6 @@ to register; loading the command modules by file path under another name would e
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import sys
 
@@ -44,21 +43,12 @@ def main() -> int:
     sys.modules[PACKAGE] = package  # its submodules import normally; its __init__ has not run yet
 
     def finish_import() -> None:
-        """Run the package's ``__init__``: the deferred ``import earthmind_compat``.
-
-        The garbage collector pauses meanwhile: the import builds about a million long-lived objects, which it would
-        walk again at each of its full collections, for nothing (about 2 s of a 10 s import on a 2-core machine).
-        """
-        collecting = gc.isenabled()
-        gc.disable()
+        """Run the package's ``__init__``: the deferred ``import earthmind_compat``."""
         try:
             loader.exec_module(package)
         except BaseException:
             del sys.modules[PACKAGE]  # as after a failed import: no half-initialised package left behind
             raise
-        finally:
-            if collecting:
-                gc.enable()
 
     from earthmind_compat.cli import main as cli_main
 

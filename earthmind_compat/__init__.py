@@ -7,30 +7,35 @@ TerraTorch YAML config work.
 
 from __future__ import annotations
 
-from earthmind_compat.compat import UntestedVersionWarning, require_native_model_classes, warn_if_untested
+from earthmind_compat.gc_pause import garbage_collection_paused
 
-require_native_model_classes()
+# The imports below build about a million long-lived objects (torch, transformers, TerraTorch); collecting
+# meanwhile only walks them again (see earthmind_compat.gc_pause).
+with garbage_collection_paused():
+    from earthmind_compat.compat import UntestedVersionWarning, require_native_model_classes, warn_if_untested
 
-from earthmind_compat.backbones import BACKBONE_CLASSES, GraniteBackbone, InternVLBackbone  # noqa: E402
-from earthmind_compat.builders import build_backbone  # noqa: E402
-from earthmind_compat.errors import (  # noqa: E402
-    ConfigurationError,
-    EarthMindCompatError,
-    InputError,
-    RegistryConflictError,
-    UnknownNameError,
-    UnsafeCheckpointError,
-    WeightsError,
-)
-from earthmind_compat.registry import register_all, registered_backbones  # noqa: E402
+    require_native_model_classes()
+
+    from earthmind_compat.backbones import BACKBONE_CLASSES, GraniteBackbone, InternVLBackbone
+    from earthmind_compat.builders import build_backbone
+    from earthmind_compat.errors import (
+        ConfigurationError,
+        EarthMindCompatError,
+        InputError,
+        RegistryConflictError,
+        UnknownNameError,
+        UnsafeCheckpointError,
+        WeightsError,
+    )
+    from earthmind_compat.registry import register_all, registered_backbones
+
+    warn_if_untested()
+    register_all()
 
 __version__ = "0.1.0"
 
 #: Names of every backbone this package registers in TerraTorch.
 BACKBONES: tuple[str, ...] = tuple(sorted(BACKBONE_CLASSES))
-
-warn_if_untested()
-register_all()
 
 __all__ = [
     "BACKBONES",

@@ -54,15 +54,12 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
         return
-    # The import creates about a million long-lived objects (torch, transformers, TerraTorch), which the garbage
-    # collector would walk again and again for nothing: about 2 s during the import, and 5.5-7 s per xdist worker
-    # in the full collections while the tests run (1.8-3.2 s once frozen; measured with gc.callbacks). So the
-    # import runs with the collector paused, and what it built is frozen (kept out of collections) until the end.
-    gc.disable()
-    try:
-        import earthmind_compat  # noqa: F401
-    finally:
-        gc.enable()
+    import earthmind_compat  # noqa: F401
+
+    # The import built about a million long-lived objects (torch, transformers, TerraTorch; the package pauses the
+    # collector meanwhile, earthmind_compat.gc_pause). Each later full collection would walk them again: 5.5-7 s per
+    # xdist worker over the suite, 1.8-3.2 s once they are frozen (kept out of collections) until the end
+    # (measured with gc.callbacks).
     gc.freeze()
 
 
